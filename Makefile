@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:  `make run`  and  `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q --disable-pip-version-check
+SGLANG := sglang==0.5.23
+
+.PHONY: run test loadtest bench lint clean
+
+$(VENV)/.runtime: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) -U pip
+	$(PIP) -e .
+	touch $@
+
+# Test extras, Locust, and just enough of SGLang for its own argument parser to check our launch
+# profiles (engine_nodes/requirements-parser.txt says why each package is there).
+$(VENV)/.test: $(VENV)/.runtime engine_nodes/requirements-parser.txt
+	$(PIP) -e '.[test,load]'
+	$(PIP) -r engine_nodes/requirements-parser.txt
+	$(PIP) --no-deps $(SGLANG)
+	touch $@
+
+run: $(VENV)/.runtime
+	$(PY) -m engine_nodes.local_stack --config gateway/example.toml
+
+test: $(VENV)/.test
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

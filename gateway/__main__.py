@@ -1,0 +1,135 @@
+"""``edge-gateway --config FILE [--workers N]``: read settings, install uvloop, serve, drain on SIGTERM.
+
+With one worker, one process serves the public and the admin listener. With ``--workers N`` a small
+supervisor starts N worker processes that share the public port (SO_REUSEPORT, the kernel spreads
+connections), serves the admin listener itself, restarts a worker that dies, and forwards SIGTERM so
+that every worker drains. Metrics go through prometheus-client's multiprocess directory, so any
+``/metrics`` reports the sum over all workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+
+log = logging.getLogger("gateway")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edge-gateway", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="TOML settings file (environment EDGE_GATEWAY__* overrides it)")
+    parser.add_argument("--workers", type=int, help="worker processes (overrides `workers` in the config)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
+    args = parser.parse_args(argv)
+
+    from gateway import logs, settings
+
+    try:
+        config = settings.load(args.config)
+    except settings.SettingsError as e:
+        print(f"edge-gateway: {e}", file=sys.stderr)
+        return 2
+    logs.setup(config.logging.level)
+    workers = args.workers or config.workers
+    if args.worker:
+        return _serve(config, serve_admin=False, reuse_port=True)
+    if workers == 1:
+        return _serve(config, serve_admin=True, reuse_port=False)
+    return _supervise(config, args.config, workers)
+
+
+def _serve(config, serve_admin: bool, reuse_port: bool) -> int:
+    import uvloop
+
+    from gateway.app import Gateway
+
+    async def run() -> None:
+        gateway = Gateway(config, serve_admin=serve_admin)
+        await gateway.start(reuse_port=reuse_port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("draining", extra={"fields": {"drain_s": config.timeouts.drain_s}})
+        await gateway.drain()
+        await gateway.stop()
+        log.info("stopped")
+
+    uvloop.run(run())
+    return 0
+
+
+def _supervise(config, config_path: str | None, workers: int) -> int:
+    metrics_dir = tempfile.mkdtemp(prefix="edge-gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before prometheus_client is imported
+    import uvloop
+    from aiohttp import web
+    from prometheus_client import multiprocess
+
+    from gateway.app import start_admin
+    from gateway.metrics import Metrics
+
+    cmd = [sys.executable, "-m", "gateway", "--worker"] + (["--config", config_path] if config_path else [])
+
+    async def run() -> None:
+        metrics = Metrics()
+        procs = [subprocess.Popen(cmd) for _ in range(workers)]
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+
+        app = web.Application()
+
+        async def metrics_handler(request: web.Request) -> web.Response:
+            return web.Response(body=metrics.exposition(),
+                                headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+        async def healthz(request: web.Request) -> web.Response:
+            alive = sum(p.poll() is None for p in procs)
+            return web.json_response({"status": "ok" if alive else "down", "workers": alive},
+                                     status=200 if alive else 503)
+
+        app.router.add_get("/metrics", metrics_handler)
+        app.router.add_get("/healthz", healthz)
+        runner, port = await start_admin(app, config)
+        log.info("supervisor started", extra={"fields": {"workers": workers, "admin_port": port,
+                                                         "pids": [p.pid for p in procs]}})
+        while not stopping.is_set():
+            for i, proc in enumerate(procs):
+                if proc.poll() is not None:
+                    log.error("worker exited; restarting", extra={"fields": {"pid": proc.pid,
+                                                                             "code": proc.returncode}})
+                    multiprocess.mark_process_dead(proc.pid)
+                    procs[i] = subprocess.Popen(cmd)
+            try:
+                await asyncio.wait_for(stopping.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        deadline = loop.time() + config.timeouts.drain_s + 5
+        while any(p.poll() is None for p in procs) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        await runner.cleanup()
+
+    try:
+        uvloop.run(run())
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Builds the gateway: every shared object is created once here and passed to whoever needs it.
+
+Nothing else in the package reaches for module-level state; a test can build two gateways in one
+process. :class:`Gateway` owns the public listener (uvloop Protocols, ``server.py``), the admin
+listener (aiohttp), the upstream pool, the health checker, and the drain sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import orjson
+from aiohttp import web
+
+from gateway.errors import GatewayError
+from gateway.handlers import Handlers, Lifecycle, readiness
+from gateway.health import HealthChecker
+from gateway.logs import AccessLog
+from gateway.metrics import Metrics
+from gateway.picker import make_policy
+from gateway.pool import Pool
+from gateway.relay import Relay
+from gateway.router import Router
+from gateway.server import HttpServer
+from gateway.settings import Settings
+from gateway.upstream import Upstream
+
+log = logging.getLogger("gateway")
+
+
+class Gateway:
+    def __init__(self, settings: Settings, serve_admin: bool = True):
+        s = settings
+        self.settings = s
+        self.serve_admin = serve_admin
+        self.metrics = Metrics()
+        self.access_log = AccessLog(s.logging.access_log)
+        self.lifecycle = Lifecycle()
+        r = s.routing
+        self.pools = [
+            Pool(p, make_policy(
+                p.effective_policy, c=r.load_factor, session_slack=r.session_slack, vnodes=r.vnodes,
+                ring_key_blocks=r.ring_key_blocks, index_capacity_blocks=r.index_capacity_blocks,
+                index_ttl_s=r.index_ttl_s, session_capacity=r.session_capacity,
+                session_ttl_s=r.session_ttl_s, max_candidates=r.max_candidates))
+            for p in s.pools
+        ]
+        self.upstream = Upstream(s.timeouts.connect_s, s.limits.upstream_idle_per_endpoint)
+        self.router = Router(self.pools, r, self.metrics)
+        self.relay = Relay(self.upstream, s.timeouts, s.limits, self.metrics, r.endpoint_header)
+        self.handlers = h = Handlers(self.router, self.relay, self.metrics, self.access_log, self.lifecycle,
+                                     s.models(), s.listen.public_metrics)
+        self.health = HealthChecker(self.pools, s.health, self.metrics)
+        self.server = HttpServer(
+            {
+                b"/v1/chat/completions": {b"POST": h.chat_completions},
+                b"/v1/completions": {b"POST": h.completions},
+                b"/v1/models": {b"GET": h.models_list},
+                b"/healthz": {b"GET": h.healthz},
+                b"/readyz": {b"GET": h.readyz},
+                b"/metrics": {b"GET": h.metrics_text},
+            },
+            s.limits, s.timeouts, not_found=h.not_found)
+        self._admin_runner: web.AppRunner | None = None
+        self.port = 0
+        self.admin_port = 0
+
+    async def start(self, reuse_port: bool = False) -> None:
+        self.access_log.start()
+        await self.health.start()
+        self.port = await self.server.start(self.settings.listen.host, self.settings.listen.port, reuse_port)
+        if self.serve_admin:
+            self._admin_runner, self.admin_port = await start_admin(self.admin_app(), self.settings)
+        log.info("gateway listening", extra={"fields": {
+            "port": self.port, "admin_port": self.admin_port, "region": self.settings.region,
+            "pools": [p.name for p in self.pools]}})
+
+    async def drain(self) -> None:
+        """Fail readiness, stop accepting, let running requests finish within the drain window, then
+        end what is left: a committed stream gets the error event, anything else a 503."""
+        self.lifecycle.draining = True
+        self.server.stop_accepting()
+        deadline = time.monotonic() + self.settings.timeouts.drain_s
+        while self.server.busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = [c for c in self.server.connections if c.task is not None]
+        if left:
+            log.warning("drain window over; ending requests", extra={"fields": {"requests": len(left)}})
+        for conn in left:
+            conn.fail(GatewayError("draining", "the gateway shut down before the response finished"))
+            conn.task.cancel()
+        await asyncio.sleep(0)
+
+    async def stop(self) -> None:
+        await self.server.close()
+        await self.health.stop()
+        self.upstream.close()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        await self.access_log.stop()
+
+    def admin_app(self) -> web.Application:
+        app = web.Application()
+
+        async def metrics(request: web.Request) -> web.Response:
+            return web.Response(body=self.metrics.exposition(),
+                                headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+        async def healthz(request: web.Request) -> web.Response:
+            return web.json_response({"status": "ok"})
+
+        async def readyz(request: web.Request) -> web.Response:
+            ready, body = readiness(self.router, self.lifecycle)
+            return web.Response(status=200 if ready else 503, body=body, content_type="application/json")
+
+        async def endpoints(request: web.Request) -> web.Response:
+            return web.Response(body=orjson.dumps([
+                {"pool": p.name, "engine": p.engine, "role": p.role, "endpoint": e.id, "healthy": e.healthy,
+                 "available": e.available, "in_flight": e.in_flight, "load": e.load, "weight": e.weight}
+                for p in self.pools for e in p.endpoints]), content_type="application/json")
+
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        app.router.add_get("/admin/endpoints", endpoints)
+        return app
+
+
+async def start_admin(app: web.Application, settings: Settings) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.admin.host, settings.admin.port)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, port

@@ -1,0 +1,115 @@
+"""Every error the gateway answers with, and the one table that maps it to an HTTP status.
+
+No other module picks a status code for an error of its own. Bodies follow OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}`` so that the official SDKs raise the right
+exception class; ``x-should-retry`` tells those SDKs whether a retry can help.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import orjson
+
+
+class Kind(NamedTuple):
+    status: int
+    type: str
+    code: str
+    should_retry: bool | None  # None: leave the client's own rule in charge
+    retry_after_s: int | None = None
+    close: bool = False  # the connection cannot carry another request
+
+
+KINDS: dict[str, Kind] = {
+    "invalid_json": Kind(400, "invalid_request_error", "invalid_json", False),
+    "invalid_request": Kind(400, "invalid_request_error", "invalid_value", False),
+    "bad_http": Kind(400, "invalid_request_error", "bad_request", False, close=True),
+    "not_found": Kind(404, "invalid_request_error", "not_found", False),
+    "model_not_found": Kind(404, "invalid_request_error", "model_not_found", False),
+    "method_not_allowed": Kind(405, "invalid_request_error", "method_not_allowed", False),
+    "request_timeout": Kind(408, "invalid_request_error", "request_timeout", False, close=True),
+    "request_too_large": Kind(413, "invalid_request_error", "request_too_large", False, close=True),
+    "headers_too_large": Kind(431, "invalid_request_error", "request_header_fields_too_large", False, close=True),
+    "internal_error": Kind(500, "server_error", "internal_error", True),
+    "upstream_error": Kind(502, "server_error", "upstream_error", True),
+    "no_healthy_upstream": Kind(503, "service_unavailable_error", "no_healthy_upstream", True, 1),
+    "draining": Kind(503, "service_unavailable_error", "draining", True, 1, close=True),
+    "upstream_timeout": Kind(504, "server_error", "upstream_timeout", True),
+}
+
+# Status line reason phrases for every status the gateway can send, its own or relayed.
+REASONS: dict[int, bytes] = {
+    200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
+    405: b"Method Not Allowed", 408: b"Request Timeout", 409: b"Conflict", 413: b"Payload Too Large",
+    422: b"Unprocessable Entity", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
+}
+
+
+class GatewayError(Exception):
+    """An error answered by the gateway itself. ``kind`` is a key of :data:`KINDS`."""
+
+    def __init__(self, kind: str, message: str, param: str | None = None):
+        super().__init__(message)
+        self.kind = KINDS[kind]
+        self.message = message
+        self.param = param
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.kind.type, self.kind.code, self.param)
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        k = self.kind
+        out: list[tuple[bytes, bytes]] = []
+        if k.should_retry is not None:
+            out.append((b"x-should-retry", b"true" if k.should_retry else b"false"))
+        if k.retry_after_s is not None:
+            out.append((b"retry-after", b"%d" % k.retry_after_s))
+        return out
+
+    def sse_event(self) -> bytes:
+        """The terminal SSE event for a failure after the stream was committed (no [DONE] follows)."""
+        return b"data: " + self.body() + b"\n\n"
+
+
+class EngineError(GatewayError):
+    """An engine's own error answer, relayed with its status once retries are exhausted."""
+
+    def __init__(self, status: int, body: bytes):
+        Exception.__init__(self, f"engine answered {status}")
+        self.kind = Kind(status, "", "", None)
+        self.message = str(self)
+        self.param = None
+        self._body = engine_error_body(status, body)
+
+    def body(self) -> bytes:
+        return self._body
+
+
+def upstream_failure(reason: str, detail: str) -> GatewayError:
+    """Every attempt failed before the commit point, the last one for ``reason``."""
+    if reason == "first_byte_timeout":
+        return GatewayError("upstream_timeout", f"engine did not answer in time: {detail}")
+    return GatewayError("upstream_error", f"engine unavailable: {detail}")
+
+
+def engine_error_body(status: int, body: bytes) -> bytes:
+    """Pass an OpenAI-shaped engine error through; lift SGLang's / older vLLM's flat
+    ``{"object": "error", "message": ...}`` (or anything else) into OpenAI's shape."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    if isinstance(doc, dict):
+        if isinstance(doc.get("error"), dict) and "message" in doc["error"]:
+            return body
+        message = doc.get("message")
+    else:
+        message = None
+    type_ = "invalid_request_error" if status < 500 else "server_error"
+    return error_body(str(message or f"engine answered {status}"), type_, "upstream_error" if status >= 500 else None)
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})

@@ -1,0 +1,162 @@
+"""Thin HTTP handlers. Each generation handler is the same straight line of named steps:
+
+    begin -> decode -> admit -> route -> relay -> settle
+
+``begin`` names the request (x-request-id), ``decode`` reads only the fields routing needs,
+``admit`` refuses work the process must not take (draining), ``route`` picks the pool and an ordered
+list of endpoints, ``relay`` runs the attempts and streams the answer, and ``settle`` records metrics
+and the access-log line exactly once, whatever happened.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+
+import orjson
+
+from gateway import affinity, protocol
+from gateway.errors import GatewayError
+from gateway.logs import AccessLog
+from gateway.metrics import Metrics
+from gateway.relay import Call, Relay, forward_headers
+from gateway.router import BATCH, INTERACTIVE, Router
+from gateway.server import Connection, Request
+
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+JSON = b"application/json"
+
+
+class Lifecycle:
+    """Process state the handlers read: readiness and draining."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+
+class Handlers:
+    def __init__(self, router: Router, relay: Relay, metrics: Metrics, access_log: AccessLog,
+                 lifecycle: Lifecycle, models: list[str], public_metrics: bool):
+        self.router = router
+        self.relay = relay
+        self.metrics = metrics
+        self.access_log = access_log
+        self.lifecycle = lifecycle
+        self.models = models
+        self.public_metrics = public_metrics
+        self._models_body = orjson.dumps({"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "edge-gateway"} for m in models]})
+
+    # -- generation ---------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request, conn: Connection) -> None:
+        call = self._begin(request, "chat")
+        try:
+            decoded = protocol.decode_chat(request.body)
+            self._admit(call)
+            self._route(call, request, decoded, affinity.chat_text(decoded.messages))
+            await self.relay.serve(call, conn)
+        except GatewayError as e:
+            call.status = e.kind.status
+            raise
+        finally:
+            self._settle(call)
+
+    async def completions(self, request: Request, conn: Connection) -> None:
+        call = self._begin(request, "completions")
+        try:
+            decoded = protocol.decode_completion(request.body)
+            self._admit(call)
+            self._route(call, request, decoded, protocol.completion_text(decoded.prompt))
+            await self.relay.serve(call, conn)
+        except GatewayError as e:
+            call.status = e.kind.status
+            raise
+        finally:
+            self._settle(call)
+
+    def _begin(self, request: Request, route: str) -> Call:
+        rid = request.header(b"x-request-id")
+        if rid is None or not _REQUEST_ID.match(rid):
+            rid = secrets.token_hex(12).encode()
+        call = Call(route, request.path, rid, request.received_at)
+        call.body = request.body
+        return call
+
+    def _admit(self, call: Call) -> None:
+        if self.lifecycle.draining:
+            raise GatewayError("draining", "the gateway is shutting down; retry on another replica")
+
+    def _route(self, call: Call, request: Request, decoded, text: str) -> None:
+        call.model = decoded.model
+        call.stream = decoded.stream
+        workload = BATCH if (request.header(b"x-workload-class") == b"batch"
+                             or decoded.service_tier == "flex") else INTERACTIVE
+        self.router.route(call, request.headers, decoded, text, workload)
+        call.forward_headers = forward_headers(request.headers)
+
+    def _settle(self, call: Call) -> None:
+        """Record the request once: metrics and one access-log line (never prompt text or keys)."""
+        m = self.metrics
+        pool = call.pool.name if call.pool is not None else ""
+        endpoint = call.endpoint.id if call.endpoint is not None else ""
+        status = call.status or (499 if call.outcome == "client_gone" else 500)
+        end = call.done_at or time.monotonic()
+        m.child(m.requests, call.route, call.model, pool, endpoint, str(status)).inc()
+        m.child(m.duration, call.route, call.model, pool).observe(end - call.received_at)
+        ttft = call.first_byte_at - call.received_at if call.first_byte_at else None
+        if ttft is not None:
+            m.child(m.ttft, call.route, call.model, pool).observe(ttft)
+        if call.written_at:
+            m.child(m.overhead, "pre_upstream").observe(max(0.0, call.written_at - call.received_at))
+        itl = None
+        if call.stream and call.events > 1:
+            itl = (call.last_event_at - call.first_byte_at) / (call.events - 1)
+            m.child(m.itl, call.model, pool).observe(itl)
+        if call.outcome == "client_gone":
+            m.child(m.client_disconnects, call.route).inc()
+        usage = call.usage()
+        for kind, key in (("prompt", "prompt_tokens"), ("cached", "cached_tokens"),
+                          ("completion", "completion_tokens")):
+            if key in usage:
+                m.child(m.tokens, call.model, pool, kind).inc(usage[key])
+        if self.access_log.enabled:
+            self.access_log.write({
+                "ts": round(time.time(), 3), "request_id": call.request_id.decode(), "route": call.route,
+                "model": call.model, "pool": pool, "endpoint": endpoint, "branch": call.branch,
+                "status": status, "outcome": call.outcome, "stream": call.stream, "attempts": call.attempts,
+                "ttft_ms": round(ttft * 1000, 2) if ttft is not None else None,
+                "itl_ms": round(itl * 1000, 2) if itl is not None else None,
+                "total_ms": round((end - call.received_at) * 1000, 2),
+                "prompt_tokens": usage.get("prompt_tokens"), "cached_tokens": usage.get("cached_tokens"),
+                "completion_tokens": usage.get("completion_tokens"),
+            })
+
+    # -- the rest of the API ------------------------------------------------------------------
+
+    async def models_list(self, request: Request, conn: Connection) -> None:
+        conn.respond(200, [], self._models_body)
+
+    async def healthz(self, request: Request, conn: Connection) -> None:
+        conn.respond(200, [], b'{"status":"ok"}')
+
+    async def readyz(self, request: Request, conn: Connection) -> None:
+        ready, body = readiness(self.router, self.lifecycle)
+        conn.respond(200 if ready else 503, [], body)
+
+    async def metrics_text(self, request: Request, conn: Connection) -> None:
+        if not self.public_metrics:
+            raise GatewayError("not_found", "no such path")
+        conn.respond(200, [], self.metrics.exposition(), b"text/plain; version=0.0.4; charset=utf-8")
+
+    async def not_found(self, request: Request, conn: Connection) -> None:
+        raise GatewayError("not_found", f"no such path: {request.path.decode('latin-1')[:200]}")
+
+
+def readiness(router: Router, lifecycle: Lifecycle) -> tuple[bool, bytes]:
+    """Ready when not draining and every configured model has at least one healthy endpoint."""
+    missing = [model for model, pools in router.by_model.items()
+               if not any(p.has_healthy() for group in pools.values() for p in group)]
+    ready = not lifecycle.draining and not missing
+    return ready, orjson.dumps({"ready": ready, "draining": lifecycle.draining, "models_without_endpoint": missing})

@@ -1,0 +1,87 @@
+"""Structured logs: one JSON access-log line per request, and JSON lines for everything else.
+
+The access log is buffered and flushed a few times a second (or when the buffer fills), so the
+request path pays for one ``orjson.dumps`` and a list append, not a write system call. It never holds
+prompt text or keys: request id, model, pool, endpoint, status, timings and token counts only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+
+import orjson
+
+FLUSH_INTERVAL_S = 0.25
+FLUSH_BYTES = 64 * 1024
+
+
+class AccessLog:
+    def __init__(self, enabled: bool, stream=None):
+        self.enabled = enabled
+        self.stream = stream or sys.stdout.buffer
+        self._buf: list[bytes] = []
+        self._size = 0
+        self._task: asyncio.Task | None = None
+
+    def write(self, record: dict) -> None:
+        line = orjson.dumps(record) + b"\n"
+        self._buf.append(line)
+        self._size += len(line)
+        if self._size >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buf:
+            data = b"".join(self._buf)
+            self._buf.clear()
+            self._size = 0
+            try:
+                self.stream.write(data)
+                self.stream.flush()
+            except (BrokenPipeError, ValueError):
+                pass  # nobody reads our stdout any more; requests must not fail for it
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._flusher())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.flush()
+
+    async def _flusher(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            self.flush()
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        extra = getattr(record, "fields", None)
+        if extra:
+            doc.update(extra)
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(doc).decode()
+
+
+def setup(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def now_s() -> float:
+    return round(time.time(), 3)

@@ -1,0 +1,87 @@
+"""Every Prometheus metric the gateway exports, defined once: names, labels, buckets.
+
+With ``--workers N`` the processes write their values to a shared ``PROMETHEUS_MULTIPROC_DIR``
+(prometheus-client's multiprocess mode, chosen by ``__main__`` before this module is imported), and
+``/metrics`` on any worker or on the supervisor's admin port reports the sum over all of them.
+
+Label children are looked up once per label tuple and kept: ``.labels()`` validates and locks on
+every call, which would be a measurable share of the per-request budget.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.25, 0.5, 1.0)
+OVERHEAD_BUCKETS = (0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
+BLOCK_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests_total", "Requests answered, by route, model, pool, endpoint and status.",
+            ["route", "model", "pool", "endpoint", "status"], registry=r)
+        self.ttft = Histogram(
+            "gateway_ttft_seconds", "Time from the request's last byte to the first response byte sent.",
+            ["route", "model", "pool"], buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(
+            "gateway_inter_token_latency_seconds",
+            "Mean gap between relayed SSE events of one stream (one observation per stream).",
+            ["model", "pool"], buckets=ITL_BUCKETS, registry=r)
+        self.duration = Histogram(
+            "gateway_request_duration_seconds", "Time from the request's last byte to the response's end.",
+            ["route", "model", "pool"], buckets=LATENCY_BUCKETS, registry=r)
+        self.overhead = Histogram(
+            "gateway_overhead_seconds",
+            "Time spent in the gateway: before the upstream request is written (phase=pre_upstream), "
+            "and from the upstream's first byte to the client's first byte (phase=first_byte).",
+            ["phase"], buckets=OVERHEAD_BUCKETS, registry=r)
+        self.in_flight = Gauge(
+            "gateway_endpoint_in_flight", "Requests in flight per endpoint.",
+            ["pool", "endpoint"], multiprocess_mode="livesum", registry=r)
+        self.endpoint_healthy = Gauge(
+            "gateway_endpoint_healthy", "1 when the endpoint passes its health checks.",
+            ["pool", "endpoint"], multiprocess_mode="livemax", registry=r)
+        self.decisions = Counter(
+            "gateway_routing_decisions_total", "Routing decisions by pool, policy and branch.",
+            ["pool", "policy", "branch"], registry=r)
+        self.prefix_match = Histogram(
+            "gateway_prefix_match_blocks", "Prefix blocks matched in the routing index per request.",
+            ["pool"], buckets=BLOCK_BUCKETS, registry=r)
+        self.retries = Counter(
+            "gateway_upstream_retries_total", "Attempts retried on another endpoint, by the failure reason.",
+            ["reason"], registry=r)
+        self.stream_aborts = Counter(
+            "gateway_stream_aborted_total", "Committed streams ended with an error event, by reason.",
+            ["reason"], registry=r)
+        self.client_disconnects = Counter(
+            "gateway_client_disconnects_total", "Requests whose client went away before the end.",
+            ["route"], registry=r)
+        self.tokens = Counter(
+            "gateway_tokens_total", "Tokens reported by engines in usage, by kind (prompt, cached, completion).",
+            ["model", "pool", "kind"], registry=r)
+        self.upstream_connects = Counter(
+            "gateway_upstream_connects_total", "New upstream TCP connections opened.", registry=r)
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *labels: str):
+        key = (id(metric), labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
+
+    def exposition(self) -> bytes:
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

@@ -1,0 +1,209 @@
+"""The attempt loop and the response relay: the only module that decides about retries.
+
+A request's life is ``PENDING -> COMMITTED -> DONE | ABORTED``. It is *pending* until the client has
+been sent its first byte; the commit point is the upstream's first response bytes (for a stream,
+its first SSE event), so queueing and prefill, where replicas die, overload and answer 503, all
+fall inside the retryable window. While pending, a failure (connect refused or reset, a 5xx or 429
+status, no first byte in time) moves the request to the next candidate endpoint, a *different*
+replica, up to ``limits.max_attempts`` in all. Once committed, nothing is retried: a stream that
+breaks ends with an SSE ``data: {"error": ...}`` event and no ``[DONE]``, which the official OpenAI
+clients raise as ``APIError``.
+
+A client that goes away cancels the handler task; the relay then closes the upstream connection so
+the engine stops generating, and the endpoint is not blamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+from gateway.errors import EngineError, GatewayError, engine_error_body, error_body, upstream_failure
+from gateway.metrics import Metrics
+from gateway.pool import Endpoint, Pool
+from gateway.server import Connection
+from gateway.settings import Limits, Timeouts
+from gateway.upstream import Exchange, Upstream, UpstreamError
+
+# Client headers that describe this hop, or that the gateway sets itself; never forwarded upstream.
+_NOT_FORWARDED = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization", b"proxy-authenticate",
+    b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length", b"authorization",
+    b"x-request-id", b"expect", b"cookie",
+})
+_USAGE = re.compile(rb'"(prompt_tokens|completion_tokens|cached_tokens)"\s*:\s*(\d+)')
+
+
+class Call:
+    """Everything one request carries from decode to settle."""
+
+    __slots__ = ("route", "path", "request_id", "model", "stream", "body", "forward_headers", "received_at",
+                 "pool", "candidates", "branch", "matched_blocks", "endpoint", "status", "attempts",
+                 "written_at", "first_byte_at", "done_at", "events", "last_event_at", "usage_tail",
+                 "outcome", "keys")
+
+    def __init__(self, route: str, path: bytes, request_id: bytes, received_at: float):
+        self.route = route
+        self.path = path
+        self.request_id = request_id
+        self.received_at = received_at
+        self.model = ""
+        self.stream = False
+        self.body = b""
+        self.forward_headers = b""
+        self.pool: Pool | None = None
+        self.candidates: list[Endpoint] = []
+        self.branch = ""
+        self.matched_blocks = 0
+        self.keys = None
+        self.endpoint: Endpoint | None = None
+        self.status = 0
+        self.attempts = 0
+        self.written_at = 0.0  # upstream request written (last attempt)
+        self.first_byte_at = 0.0  # first byte sent to the client
+        self.done_at = 0.0
+        self.events = 0
+        self.last_event_at = 0.0
+        self.usage_tail = b""
+        self.outcome = "pending"  # pending | done | aborted | client_gone
+
+    def usage(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in _USAGE.findall(self.usage_tail)} if self.usage_tail else {}
+
+
+def forward_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """End-to-end client headers, rendered once per request for every attempt."""
+    return b"".join(k + b": " + v + b"\r\n" for k, v in headers if k not in _NOT_FORWARDED)
+
+
+class Relay:
+    def __init__(self, upstream: Upstream, timeouts: Timeouts, limits: Limits, metrics: Metrics,
+                 endpoint_header: bool):
+        self.upstream = upstream
+        self.timeouts = timeouts
+        self.max_attempts = limits.max_attempts
+        self.metrics = metrics
+        self.endpoint_header = endpoint_header
+
+    async def serve(self, call: Call, conn: Connection) -> None:
+        """Try the candidates in order until one answers; relay its answer to the client."""
+        failure: UpstreamError | tuple[int, bytes, bytes] | None = None
+        for endpoint in call.candidates[:self.max_attempts]:
+            if failure is not None:
+                self.metrics.child(self.metrics.retries, _reason(failure)).inc()
+            call.attempts += 1
+            call.endpoint = endpoint
+            endpoint.in_flight += 1
+            gauge = self.metrics.child(self.metrics.in_flight, endpoint.pool, endpoint.id)
+            gauge.inc()
+            try:
+                failure = await self._attempt(call, endpoint, conn)
+            finally:
+                endpoint.in_flight -= 1
+                gauge.dec()
+            if failure is None:
+                return
+        raise _final_error(failure)
+
+    async def _attempt(self, call: Call, endpoint: Endpoint, conn: Connection):
+        """One try on one endpoint. Returns None when answered, else the retryable failure."""
+        ex: Exchange | None = None
+        try:
+            ex = await self.upstream.open(endpoint.host, endpoint.port, self._render(call, endpoint))
+            call.written_at = time.monotonic()
+            await ex.wait_first(self.timeouts.first_byte_s)
+            status = ex.status
+            if status >= 500 or status == 429:
+                await ex.wait_done(self.timeouts.idle_s)
+                return status, ex.header(b"content-type") or b"", ex.take()
+            if call.stream and status == 200:
+                await self._relay_stream(call, ex, conn)
+            else:
+                await ex.wait_done(self.timeouts.idle_s)
+                self._respond(call, conn, status, ex)
+            return None
+        except UpstreamError as e:
+            if conn.started:
+                self._abort_stream(call, conn, e)
+                return None
+            return e
+        except asyncio.CancelledError:
+            call.outcome = "client_gone"
+            if ex is not None:
+                ex.abort()
+            raise
+
+    def _render(self, call: Call, endpoint: Endpoint) -> bytes:
+        pool = call.pool
+        return b"".join((
+            b"POST ", call.path, b" HTTP/1.1\r\nhost: ", endpoint.id.encode(),
+            b"\r\ncontent-length: %d\r\nx-request-id: " % len(call.body), call.request_id, b"\r\n",
+            pool.auth_header if pool is not None else b"", call.forward_headers, b"\r\n", call.body,
+        ))
+
+    def _headers(self, call: Call) -> list[tuple[bytes, bytes]]:
+        headers = [(b"x-request-id", call.request_id)]
+        if self.endpoint_header and call.endpoint is not None:
+            headers.append((b"x-gateway-endpoint", call.endpoint.id.encode()))
+        return headers
+
+    def _respond(self, call: Call, conn: Connection, status: int, ex: Exchange) -> None:
+        body = ex.take()
+        if status >= 400:
+            body = engine_error_body(status, body)
+        if b'"usage"' in body:
+            call.usage_tail = body[body.rfind(b'"usage"'):]
+        call.status = status
+        call.first_byte_at = time.monotonic()
+        conn.respond(status, self._headers(call), body, ex.header(b"content-type") or b"application/json")
+        call.done_at = call.first_byte_at
+        call.outcome = "done"
+
+    async def _relay_stream(self, call: Call, ex: Exchange, conn: Connection) -> None:
+        upstream_first = ex.last_read
+        first = ex.take()
+        call.status = 200
+        conn.start_stream(200, self._headers(call), first,
+                          ex.header(b"content-type") or b"text/event-stream")
+        call.first_byte_at = call.last_event_at = time.monotonic()
+        self.metrics.child(self.metrics.overhead, "first_byte").observe(call.first_byte_at - upstream_first)
+        call.events = first.count(b"data:")
+
+        def sink(data: bytes) -> None:
+            conn.send_chunk(data)
+            call.events += data.count(b"data:")
+            call.last_event_at = ex.last_read
+            if b'"usage":{' in data:
+                call.usage_tail = data[data.rfind(b'"usage":{'):]
+
+        ex.pipe(sink)
+        conn.on_pause, conn.on_resume = ex.pause, ex.resume
+        try:
+            await ex.wait_done(self.timeouts.idle_s)
+        finally:
+            conn.on_pause = conn.on_resume = None
+        conn.end_stream()
+        call.done_at = time.monotonic()
+        call.outcome = "done"
+
+    def _abort_stream(self, call: Call, conn: Connection, e: UpstreamError) -> None:
+        """After commit: end the stream with an error event, never [DONE]."""
+        self.metrics.child(self.metrics.stream_aborts, e.reason).inc()
+        conn.end_stream(b"data: " + error_body(
+            f"upstream failed mid-stream: {e}", "server_error", "upstream_disconnected") + b"\n\n")
+        call.done_at = time.monotonic()
+        call.outcome = "aborted"
+
+
+def _reason(failure) -> str:
+    if isinstance(failure, UpstreamError):
+        return failure.reason
+    return f"status_{failure[0]}"
+
+
+def _final_error(failure) -> GatewayError:
+    if isinstance(failure, UpstreamError):
+        return upstream_failure(failure.reason, str(failure))
+    status, _, body = failure
+    return EngineError(status, body)

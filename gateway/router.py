@@ -1,0 +1,90 @@
+"""The route step: traffic class -> pool -> routing keys -> the pool's policy -> ordered candidates.
+
+Interactive traffic (the default) goes to the model's SGLang interactive pool; batch traffic
+(``X-Workload-Class: batch`` or ``"service_tier": "flex"``) to its vLLM batch pool. Batch may borrow
+the interactive pool only while that pool is nearly idle (mean load per endpoint under
+``routing.batch_borrow_below``); interactive spills to the batch pool only when
+``routing.interactive_spill`` is on. Every decision, spills included, is counted by pool, policy and
+branch.
+"""
+
+from __future__ import annotations
+
+import time
+
+from gateway import affinity
+from gateway.errors import GatewayError
+from gateway.metrics import Metrics
+from gateway.picker import RouteKeys
+from gateway.pool import Pool
+from gateway.relay import Call
+from gateway.settings import Routing
+
+INTERACTIVE, BATCH = "interactive", "batch"
+
+
+class Router:
+    def __init__(self, pools: list[Pool], routing: Routing, metrics: Metrics):
+        self.routing = routing
+        self.metrics = metrics
+        self.pools = pools
+        self.by_model: dict[str, dict[str, list[Pool]]] = {}
+        for pool in pools:
+            for model in pool.models:
+                self.by_model.setdefault(model, {INTERACTIVE: [], BATCH: []})[pool.role].append(pool)
+        self.session_headers = [h.lower().encode() for h in routing.session_headers]
+        self.session_fields = list(routing.session_fields)
+
+    def route(self, call: Call, headers: list[tuple[bytes, bytes]], decoded, text: str, workload: str) -> None:
+        """Fill ``call.pool`` and ``call.candidates`` (first = choice, rest = retry fallbacks)."""
+        pools = self.by_model.get(call.model)
+        if pools is None:
+            raise GatewayError("model_not_found", f"The model `{call.model}` does not exist.", "model")
+        pool, spilled = self._pool(pools, workload)
+        if pool is None:
+            raise GatewayError("no_healthy_upstream", f"no healthy endpoint serves model `{call.model}`")
+        r = self.routing
+        keys = RouteKeys(
+            prefix=affinity.prefix_hashes(call.model, text, r.block_chars, r.max_prefix_chars),
+            session=self._session(headers, decoded))
+        now = time.monotonic()
+        decision = pool.policy.pick(pool.endpoints, keys, now)
+        if not decision.endpoints:
+            raise GatewayError("no_healthy_upstream", f"no healthy endpoint serves model `{call.model}`")
+        pool.policy.observe(decision.endpoints[0].id, keys, now)
+        call.pool = pool
+        call.candidates = decision.endpoints
+        call.branch = "spill" if spilled else decision.branch
+        call.matched_blocks = decision.matched_blocks
+        m = self.metrics
+        m.child(m.decisions, pool.name, pool.policy.name, call.branch).inc()
+        m.child(m.prefix_match, pool.name).observe(decision.matched_blocks)
+
+    def _pool(self, pools: dict[str, list[Pool]], workload: str) -> tuple[Pool | None, bool]:
+        own, other = (pools[BATCH], pools[INTERACTIVE]) if workload == BATCH else (pools[INTERACTIVE], pools[BATCH])
+        for pool in own:
+            if pool.has_healthy():
+                return pool, False
+        for pool in other:
+            if not pool.has_healthy():
+                continue
+            if workload == BATCH and _mean_load(pool) < self.routing.batch_borrow_below:
+                return pool, True
+            if workload == INTERACTIVE and (self.routing.interactive_spill or not own):
+                return pool, bool(own)
+        return None, False
+
+    def _session(self, headers: list[tuple[bytes, bytes]], decoded) -> int | None:
+        for name, value in headers:
+            if value and name in self.session_headers:
+                return affinity.key_hash(value.decode("latin-1"))
+        for field in self.session_fields:
+            value = getattr(decoded, field, None)
+            if value:
+                return affinity.key_hash(value)
+        return None
+
+
+def _mean_load(pool: Pool) -> float:
+    eps = pool.available()
+    return sum(e.load for e in eps) / len(eps) if eps else float("inf")

@@ -1,0 +1,238 @@
+"""The gateway's one configuration: a frozen msgspec Struct tree, loaded from TOML plus environment.
+
+Every default lives here and nowhere else. Loading is three steps, each of which names the bad key
+when it fails:
+
+1. parse the TOML file (or start from an empty table);
+2. apply environment overrides: ``EDGE_GATEWAY__<SECTION>__<KEY>=value`` sets ``[section] key``; list
+   items are addressed by index (``EDGE_GATEWAY__POOLS__0__ENDPOINTS='["http://10.0.0.7:30000"]'``).
+   A value is read as JSON when it parses as JSON, otherwise as a plain string;
+3. convert into :class:`Settings` (unknown keys and wrong types are errors) and check the rules a
+   type cannot express (ports in range, endpoint URLs, every model served by some pool, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+ENV_PREFIX = "EDGE_GATEWAY__"
+
+EngineKind = Literal["sglang", "vllm"]
+Role = Literal["interactive", "batch"]
+PolicyName = Literal["prefix", "session", "round_robin", "random", "least_load", "power_of_two"]
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class Listener(_Section):
+    host: str = "0.0.0.0"
+    port: int = 8080
+    # Serve GET /metrics on the public port as well as on the admin port.
+    public_metrics: bool = True
+
+
+class AdminListener(_Section):
+    # Loopback by default: the admin API can eject endpoints and drain the process.
+    host: str = "127.0.0.1"
+    port: int = 9090
+
+
+class Pool(_Section):
+    name: str
+    engine: EngineKind
+    role: Role
+    models: list[str]
+    endpoints: list[str]
+    # None picks the role's default: prefix-aware for interactive pools, least-load for batch pools.
+    policy: PolicyName | None = None
+    # Credential the gateway presents to the engines; the client's own key never reaches them.
+    api_key: str | None = None
+    health_path: str = "/health"
+    metrics_path: str = "/metrics"
+
+    @property
+    def effective_policy(self) -> str:
+        return self.policy or ("prefix" if self.role == "interactive" else "least_load")
+
+
+class Timeouts(_Section):
+    connect_s: float = 2.0
+    # Until the first response byte of one attempt (queueing + prefill of a long prompt).
+    first_byte_s: float = 60.0
+    # Between two reads of a response body; streams have no total timeout.
+    idle_s: float = 30.0
+    # Whole request head and body must arrive within this (slowloris guard).
+    request_read_s: float = 10.0
+    keepalive_s: float = 75.0
+    # SIGTERM: how long running streams may take to finish.
+    drain_s: float = 30.0
+
+
+class Limits(_Section):
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    max_connections: int = 20000
+    # Idle keep-alive connections kept per endpoint.
+    upstream_idle_per_endpoint: int = 256
+    # Attempts per request (first try + retries on other endpoints, before commit only).
+    max_attempts: int = 2
+
+
+class Routing(_Section):
+    # About 64 tokens of English text: long enough to group, short enough to tell prompts apart.
+    block_chars: int = 256
+    max_prefix_chars: int = 32768
+    load_factor: float = 1.25
+    # Extra in-flight requests a session's endpoint may keep beyond its load bound: moving a
+    # conversation costs a whole prefill, a few extra requests in flight cost little.
+    session_slack: float = 2.0
+    vnodes: int = 160
+    ring_key_blocks: int = 2
+    index_capacity_blocks: int = 262144
+    index_ttl_s: float = 600.0
+    session_headers: list[str] = msgspec.field(default_factory=lambda: ["x-session-id"])
+    session_fields: list[str] = msgspec.field(default_factory=lambda: ["user"])
+    session_capacity: int = 100000
+    session_ttl_s: float = 3600.0
+    max_candidates: int = 3
+    # Interactive traffic may spill to the batch pool only when this is on.
+    interactive_spill: bool = False
+    # Batch traffic may borrow the interactive pool while its load per endpoint is under this.
+    batch_borrow_below: float = 0.5
+    # Debug: name the chosen endpoint in an x-gateway-endpoint response header.
+    endpoint_header: bool = False
+
+
+class Health(_Section):
+    interval_s: float = 5.0
+    timeout_s: float = 2.0
+    unhealthy_threshold: int = 3
+    healthy_threshold: int = 1
+    scrape_interval_s: float = 1.0
+    scrape_stale_s: float = 5.0
+
+
+class Logging(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+
+
+class Settings(_Section):
+    region: str = "local"
+    workers: int = 1
+    listen: Listener = msgspec.field(default_factory=Listener)
+    admin: AdminListener = msgspec.field(default_factory=AdminListener)
+    timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
+    limits: Limits = msgspec.field(default_factory=Limits)
+    routing: Routing = msgspec.field(default_factory=Routing)
+    health: Health = msgspec.field(default_factory=Health)
+    logging: Logging = msgspec.field(default_factory=Logging)
+    pools: list[Pool] = msgspec.field(default_factory=list)
+
+    def models(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for pool in self.pools:
+            seen.update(dict.fromkeys(pool.models))
+        return list(seen)
+
+
+class SettingsError(ValueError):
+    """Raised with a message that names the offending key."""
+
+
+def load(path: str | None = None, environ: dict[str, str] | None = None) -> Settings:
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise SettingsError(f"cannot read config {path}: {e}") from None
+    _apply_env(raw, os.environ if environ is None else environ)
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as e:
+        raise SettingsError(f"invalid config: {e}") from None
+    _validate(settings)
+    return settings
+
+
+def _apply_env(raw: dict[str, Any], environ: dict[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        try:
+            parsed: Any = msgspec.json.decode(value)
+        except msgspec.DecodeError:
+            parsed = value
+        node: Any = raw
+        for i, key in enumerate(path[:-1]):
+            nxt = path[i + 1]
+            if isinstance(node, list):
+                idx = _index(key, name)
+                while len(node) <= idx:
+                    node.append({})
+                node = node[idx]
+            else:
+                node = node.setdefault(key, [] if nxt.isdigit() else {})
+        if isinstance(node, list):
+            idx = _index(path[-1], name)
+            while len(node) <= idx:
+                node.append({})
+            node[idx] = parsed
+        else:
+            node[path[-1]] = parsed
+
+
+def _index(key: str, name: str) -> int:
+    if not key.isdigit():
+        raise SettingsError(f"{name}: expected a list index, got {key!r}")
+    return int(key)
+
+
+def _validate(s: Settings) -> None:
+    def bad(key: str, why: str) -> SettingsError:
+        return SettingsError(f"invalid config: `{key}` {why}")
+
+    for key, port in (("listen.port", s.listen.port), ("admin.port", s.admin.port)):
+        if not 0 <= port <= 65535:
+            raise bad(key, f"must be a TCP port (0-65535), got {port}")
+    if s.workers < 1:
+        raise bad("workers", "must be at least 1")
+    for section in ("timeouts", "limits", "health"):
+        for field, value in msgspec.structs.asdict(getattr(s, section)).items():
+            if isinstance(value, (int, float)) and value <= 0:
+                raise bad(f"{section}.{field}", f"must be positive, got {value}")
+    r = s.routing
+    if r.load_factor < 1.0:
+        raise bad("routing.load_factor", f"must be >= 1.0, got {r.load_factor}")
+    for field in ("block_chars", "max_prefix_chars", "vnodes", "ring_key_blocks", "index_capacity_blocks",
+                  "session_capacity", "max_candidates"):
+        if getattr(r, field) < 1:
+            raise bad(f"routing.{field}", "must be at least 1")
+    names: set[str] = set()
+    for i, pool in enumerate(s.pools):
+        where = f"pools[{i}]"
+        if pool.name in names:
+            raise bad(f"{where}.name", f"duplicates pool name {pool.name!r}")
+        names.add(pool.name)
+        if not pool.models:
+            raise bad(f"{where}.models", "must name at least one model")
+        if not pool.endpoints:
+            raise bad(f"{where}.endpoints", "must list at least one endpoint URL")
+        for j, url in enumerate(pool.endpoints):
+            parts = urlsplit(url)
+            if parts.scheme != "http" or not parts.hostname or not parts.port or parts.path not in ("", "/"):
+                raise bad(f"{where}.endpoints[{j}]", f"must look like http://host:port, got {url!r}")
+        for key in ("health_path", "metrics_path"):
+            if not getattr(pool, key).startswith("/"):
+                raise bad(f"{where}.{key}", "must start with /")

@@ -1,0 +1,207 @@
+"""Fixtures that start real processes on loopback: simulator replicas and the gateway itself.
+
+Every process a test starts is stopped by its fixture, by PID, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "llama-3.1-8b"
+
+
+def free_ports(n: int = 1) -> int:
+    """First of ``n`` consecutive ports that are free on 127.0.0.1 right now."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no block of free ports")
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def http_post_json(url: str, doc: dict, timeout: float = 5.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, data=json.dumps(doc).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Simulator:
+    """One ``engine_nodes sim`` process hosting ``replicas`` replicas on consecutive ports."""
+
+    def __init__(self, flavor: str, replicas: int, speed: float, extra: list[str]):
+        self.base = free_ports(replicas)
+        self.ports = list(range(self.base, self.base + replicas))
+        cmd = [sys.executable, "-m", "engine_nodes", "sim", "--flavor", flavor, "--model", MODEL,
+               "--port", str(self.base), "--replicas", str(replicas), "--speed", str(speed), *extra]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line.startswith("READY"):
+            _stop(self.proc)
+            raise RuntimeError(f"simulator failed to start: {line!r}")
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{p}" for p in self.ports]
+
+    def url(self, i: int) -> str:
+        return self.urls[i]
+
+    def requests(self, i: int, limit: int = 1000) -> list[dict]:
+        return json.loads(http_get(f"{self.url(i)}/sim/requests?limit={limit}")[1])
+
+    def stats(self, i: int) -> dict:
+        return json.loads(http_get(f"{self.url(i)}/sim/stats")[1])
+
+    def faults(self, i: int, **knobs) -> None:
+        status, body = http_post_json(f"{self.url(i)}/sim/faults", knobs)
+        assert status == 200, body
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+class GatewayProcess:
+    """``python -m gateway`` with a TOML config written for the test."""
+
+    def __init__(self, config: str, tmp: Path, workers: int = 1, wait_ready: bool = True):
+        self.port = free_ports()
+        self.admin_port = free_ports()
+        path = tmp / f"gateway-{self.port}.toml"
+        path.write_text(
+            f'region = "test"\nworkers = {workers}\n'
+            f'[listen]\nhost = "127.0.0.1"\nport = {self.port}\n'
+            f'[admin]\nhost = "127.0.0.1"\nport = {self.admin_port}\n' + config)
+        self.log_path = tmp / f"gateway-{self.port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(path)], cwd=ROOT,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        if wait_ready:
+            self.wait_ready()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited {self.proc.returncode}: {self.log()}")
+            try:
+                if http_get(f"{self.url}/readyz", timeout=0.5)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"gateway not ready in {timeout}s: {self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def access_log(self) -> list[dict]:
+        out = []
+        for line in self.log().splitlines():
+            if line.startswith("{") and '"request_id"' in line:
+                out.append(json.loads(line))
+        return out
+
+    def metrics(self) -> str:
+        return http_get(f"{self.admin_url}/metrics")[1].decode()
+
+    def stop(self) -> int:
+        _stop(self.proc, timeout=40)
+        self._log.close()
+        return self.proc.returncode
+
+
+def pool_toml(name: str, engine: str, role: str, urls: list[str], policy: str | None = None,
+              extra: str = "") -> str:
+    lines = [f'[[pools]]\nname = "{name}"\nengine = "{engine}"\nrole = "{role}"\nmodels = ["{MODEL}"]',
+             "endpoints = [" + ", ".join(f'"{u}"' for u in urls) + "]"]
+    if policy:
+        lines.append(f'policy = "{policy}"')
+    return "\n".join(lines) + "\n" + extra
+
+
+FAST_HEALTH = '[health]\ninterval_s = 0.2\ntimeout_s = 0.5\nunhealthy_threshold = 1\n'
+
+
+@pytest.fixture
+def simulator() -> Iterator:
+    started: list[Simulator] = []
+
+    def start(flavor: str = "sglang", replicas: int = 1, speed: float = 200.0, extra: list[str] = ()) -> Simulator:
+        sim = Simulator(flavor, replicas, speed, list(extra))
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in started:
+        sim.stop()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator:
+    started: list[GatewayProcess] = []
+
+    def start(config: str, workers: int = 1, wait_ready: bool = True) -> GatewayProcess:
+        gw = GatewayProcess(config, tmp_path, workers, wait_ready)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()

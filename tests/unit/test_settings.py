@@ -1,0 +1,93 @@
+"""Settings: defaults in one place, TOML + environment, errors that name the bad key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway import settings
+
+POOL = """
+[[pools]]
+name = "sglang"
+engine = "sglang"
+role = "interactive"
+models = ["m"]
+endpoints = ["http://127.0.0.1:30000"]
+"""
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "gw.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_shipped_example_config_loads():
+    s = settings.load(str(Path(__file__).resolve().parents[2] / "gateway" / "example.toml"), environ={})
+    assert {p.role for p in s.pools} == {"interactive", "batch"}
+    assert s.models() == ["llama-3.1-8b"]
+
+
+def test_defaults_apply_when_keys_are_absent(tmp_path):
+    s = settings.load(write(tmp_path, POOL), environ={})
+    assert s.limits.max_body_bytes == 16 * 1024 * 1024
+    assert s.pools[0].effective_policy == "prefix"
+    assert s.admin.host == "127.0.0.1"
+
+
+def test_settings_are_frozen(tmp_path):
+    s = settings.load(write(tmp_path, POOL), environ={})
+    with pytest.raises(AttributeError):
+        s.region = "elsewhere"  # type: ignore[misc]
+
+
+def test_environment_overrides_nested_keys_and_list_items(tmp_path):
+    env = {
+        "EDGE_GATEWAY__TIMEOUTS__CONNECT_S": "0.5",
+        "EDGE_GATEWAY__LISTEN__PORT": "8123",
+        "EDGE_GATEWAY__POOLS__0__ENDPOINTS": '["http://10.0.0.7:30000", "http://10.0.0.8:30000"]',
+        "EDGE_GATEWAY__REGION": "eu-west-1",
+        "UNRELATED": "x",
+    }
+    s = settings.load(write(tmp_path, POOL), environ=env)
+    assert s.timeouts.connect_s == 0.5
+    assert s.listen.port == 8123
+    assert s.region == "eu-west-1"
+    assert s.pools[0].endpoints == ["http://10.0.0.7:30000", "http://10.0.0.8:30000"]
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[timeouts]\nconnect_s = 'soon'\n", "timeouts.connect_s"),
+    ("[timeouts]\nconnect_z = 1\n", "connect_z"),
+    ("[listen]\nport = 70000\n", "listen.port"),
+    ("[routing]\nload_factor = 0.5\n", "routing.load_factor"),
+    ("[limits]\nmax_body_bytes = 0\n", "limits.max_body_bytes"),
+    (POOL.replace("http://127.0.0.1:30000", "127.0.0.1:30000"), "pools[0].endpoints[0]"),
+    (POOL.replace('engine = "sglang"', 'engine = "trt"'), "pools[0].engine"),
+    (POOL + POOL, "pools[1].name"),
+])
+def test_invalid_config_fails_fast_naming_the_bad_key(tmp_path, text, key):
+    with pytest.raises(settings.SettingsError) as e:
+        settings.load(write(tmp_path, text), environ={})
+    message = str(e.value)
+    assert key.replace("[", ".").replace("]", "").split(".")[-1] in message.replace("[", ".").replace("]", "")
+    if "." in key and not key.startswith("pools"):
+        assert key.split(".")[0] in message
+
+
+def test_bad_environment_override_names_the_key(tmp_path):
+    with pytest.raises(settings.SettingsError, match="connect_s"):
+        settings.load(write(tmp_path, POOL), environ={"EDGE_GATEWAY__TIMEOUTS__CONNECT_S": "fast"})
+
+
+def test_cli_exits_2_with_message_on_bad_config(tmp_path):
+    import subprocess
+    import sys
+
+    path = write(tmp_path, "[listen]\nport = -1\n")
+    out = subprocess.run([sys.executable, "-m", "gateway", "--config", path], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 2
+    assert "listen.port" in out.stderr
