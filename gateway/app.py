@@ -47,7 +47,8 @@ class Gateway:
                 session_ttl_s=r.session_ttl_s, max_candidates=r.max_candidates))
             for p in s.pools
         ]
-        self.upstream = Upstream(s.timeouts.connect_s, s.limits.upstream_idle_per_endpoint)
+        self.upstream = Upstream(s.timeouts.connect_s, s.limits.upstream_idle_per_endpoint,
+                                 self.metrics.upstream_connects.inc)
         self.router = Router(self.pools, r, self.metrics)
         self.relay = Relay(self.upstream, s.timeouts, s.limits, self.metrics, r.endpoint_header)
         self.handlers = h = Handlers(self.router, self.relay, self.metrics, self.access_log, self.lifecycle,

@@ -24,6 +24,7 @@ from gateway.metrics import Metrics
 from gateway.pool import Endpoint, Pool
 from gateway.server import Connection
 from gateway.settings import Limits, Timeouts
+from gateway.sse import SseCheck
 from gateway.upstream import Exchange, Upstream, UpstreamError
 
 # Client headers that describe this hop, or that the gateway sets itself; never forwarded upstream.
@@ -163,6 +164,10 @@ class Relay:
     async def _relay_stream(self, call: Call, ex: Exchange, conn: Connection) -> None:
         upstream_first = ex.last_read
         first = ex.take()
+        check = SseCheck()
+        if not check.feed(first):
+            ex.abort()
+            raise UpstreamError("protocol", "engine sent a malformed event stream", received=True)
         call.status = 200
         conn.start_stream(200, self._headers(call), first,
                           ex.header(b"content-type") or b"text/event-stream")
@@ -171,6 +176,9 @@ class Relay:
         call.events = first.count(b"data:")
 
         def sink(data: bytes) -> None:
+            if not check.feed(data):
+                ex.fail("protocol", "engine sent a malformed event stream")
+                return
             conn.send_chunk(data)
             call.events += data.count(b"data:")
             call.last_event_at = ex.last_read

@@ -35,11 +35,11 @@ class UpstreamError(Exception):
 class Upstream:
     """Keep-alive connections per (host, port), most recently used first."""
 
-    def __init__(self, connect_timeout_s: float, max_idle_per_endpoint: int):
+    def __init__(self, connect_timeout_s: float, max_idle_per_endpoint: int, on_connect: Callable[[], None]):
         self.connect_timeout_s = connect_timeout_s
         self.max_idle = max_idle_per_endpoint
+        self.on_connect = on_connect  # counts new connections: a pool that reconnects per request shows here
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
-        self.connects = 0
 
     async def open(self, host: str, port: int, request: bytes) -> Exchange:
         """Send ``request`` (head and body, already rendered) and return its exchange."""
@@ -62,7 +62,7 @@ class Upstream:
             raise UpstreamError("connect", f"connect to {key[0]}:{key[1]} timed out") from None
         except OSError as e:
             raise UpstreamError("connect", f"connect to {key[0]}:{key[1]} failed: {e.strerror or e}") from None
-        self.connects += 1
+        self.on_connect()
         return conn
 
     def _release(self, conn: _Connection) -> None:
@@ -236,6 +236,11 @@ class Exchange:
     def resume(self) -> None:
         if not self.conn.closed:
             self.conn.transport.resume_reading()  # type: ignore[union-attr]
+
+    def fail(self, reason: str, message: str) -> None:
+        """The caller found the response unusable: drop the connection and fail the waiter."""
+        self.abort()
+        self._fail(UpstreamError(reason, message, received=self.received))
 
     def abort(self) -> None:
         """Close the connection: the engine sees the disconnect and stops generating."""

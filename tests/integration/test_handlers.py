@@ -1,0 +1,138 @@
+"""The OpenAI API through the gateway, as a user sees it: the official client against real processes."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import openai
+import pytest
+
+from tests.conftest import FAST_HEALTH, MODEL, http_get, pool_toml
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three rivers."}]
+
+
+@pytest.fixture
+def stack(simulator, gateway):
+    sim = simulator("sglang", replicas=2)
+    gw = gateway(FAST_HEALTH + pool_toml("sglang", "sglang", "interactive", sim.urls,
+                                         extra='api_key = "engine-secret"\n'))
+    return sim, gw
+
+
+def direct_client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def test_non_streaming_answer_equals_the_engines_own(stack):
+    sim, gw = stack
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="client-key", max_retries=0)
+    via_gateway = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12)
+    direct = direct_client(sim.url(0)).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=12)
+    assert via_gateway.choices[0].message.content == direct.choices[0].message.content
+    assert via_gateway.usage.completion_tokens == 12
+
+
+def test_streamed_deltas_concatenate_to_exactly_the_engines_output(stack):
+    sim, gw = stack
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="client-key", max_retries=0)
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    direct = direct_client(sim.url(1)).chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20)
+    assert streamed == direct.choices[0].message.content
+    assert len(streamed.split()) == 20
+
+
+def test_usage_chunk_passes_through_when_include_usage_is_set(stack):
+    _, gw = stack
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="client-key", max_retries=0)
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=5, stream=True, stream_options={"include_usage": True}))
+    last = chunks[-1]
+    assert last.choices == []
+    assert last.usage.completion_tokens == 5
+    assert last.usage.prompt_tokens_details.cached_tokens is not None
+
+
+async def test_async_client_streams_completions_endpoint(stack):
+    _, gw = stack
+    client = openai.AsyncOpenAI(base_url=f"{gw.url}/v1", api_key="client-key", max_retries=0)
+    stream = await client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, stream=True)
+    text = "".join([c.choices[0].text async for c in stream if c.choices])
+    assert len(text.split()) == 8
+    await client.close()
+
+
+def test_request_bytes_reach_the_engine_unchanged(stack):
+    sim, gw = stack
+    body = (b'{"model": "%s",  "messages": [{"role": "user", "content": "caf\\u00e9 \xe2\x98\x95"}],\n'
+            b' "max_tokens": 3, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],'
+            b' "response_format": {"type": "text"}, "logprobs": false, "x_unknown": [1, 2.50, null]}') % MODEL.encode()
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer client-key\r\nX-Request-Id: req-123\r\n"
+                  b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        response = b""
+        while chunk := s.recv(65536):
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 200")
+    assert b"x-request-id: req-123" in response
+    seen = [r for i in range(2) for r in sim.requests(i) if r["headers"].get("x-request-id") == "req-123"]
+    assert len(seen) == 1
+    assert seen[0]["body"].encode("latin-1") == body
+    # The engine gets the pool's credential, never the client's key.
+    assert seen[0]["headers"]["authorization"] == "Bearer engine-secret"
+
+
+def test_request_id_is_generated_when_the_client_sends_none(stack):
+    sim, gw = stack
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+    rid = raw.headers["x-request-id"]
+    assert len(rid) >= 16
+    assert any(r["headers"].get("x-request-id") == rid for i in range(2) for r in sim.requests(i))
+
+
+def test_models_lists_every_configured_model_in_openai_shape(stack):
+    _, gw = stack
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_healthz_and_readyz_answer_on_public_and_admin_listeners(stack):
+    _, gw = stack
+    for base in (gw.url, gw.admin_url):
+        assert http_get(f"{base}/healthz")[0] == 200
+        status, body = http_get(f"{base}/readyz")
+        assert status == 200 and json.loads(body)["ready"] is True
+
+
+def test_access_log_has_one_line_per_request_and_no_prompt_text(stack):
+    _, gw = stack
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)
+    secret = "the-prompt-text-must-not-be-logged"
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": secret}], max_tokens=2,
+                                   extra_headers={"x-request-id": "log-check-1"})
+    gw.stop()
+    lines = [line for line in gw.access_log() if line["request_id"] == "log-check-1"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["model"] == MODEL and line["status"] == 200 and line["completion_tokens"] == 2
+    assert line["endpoint"] and line["pool"] == "sglang" and line["ttft_ms"] is not None
+    assert secret not in gw.log()
+
+
+def test_metrics_count_requests_by_route_model_pool_endpoint_status(stack):
+    _, gw = stack
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)
+    for _ in range(3):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+    text = gw.metrics()
+    total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("gateway_requests_total{") and 'route="chat"' in line and 'status="200"' in line)
+    assert total == 3
+    for name in ("gateway_ttft_seconds_bucket", "gateway_request_duration_seconds_bucket",
+                 "gateway_overhead_seconds_bucket", "gateway_endpoint_in_flight",
+                 "gateway_routing_decisions_total"):
+        assert name in text

@@ -1,0 +1,70 @@
+"""The process: several workers on one port with metrics that add up, and a graceful SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+
+import openai
+
+from tests.conftest import FAST_HEALTH, MODEL, http_get, pool_toml
+
+
+def test_two_workers_share_the_port_and_their_metrics_add_up(simulator, gateway):
+    sim = simulator("sglang", replicas=2)
+    gw = gateway(FAST_HEALTH + pool_toml("s", "sglang", "interactive", sim.urls), workers=2)
+    pids = set()
+    for i in range(40):
+        # A new connection per request lets the kernel spread them over both workers.
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": f"q{i}"}], max_tokens=2)
+        assert raw.status_code == 200
+        client.close()
+    for line in gw.log().splitlines():
+        if '"supervisor started"' in line:
+            pids = set(json.loads(line)["pids"])
+    assert len(pids) == 2
+    text = gw.metrics()  # the supervisor's admin port: the sum over both workers
+    total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith("gateway_requests_total{") and 'status="200"' in line)
+    assert total == 40
+
+
+def test_sigterm_lets_a_running_stream_finish_then_exits_zero(simulator, gateway):
+    sim = simulator("sglang", speed=2.0)
+    gw = gateway(FAST_HEALTH + pool_toml("s", "sglang", "interactive", sim.urls))
+    result: dict = {}
+
+    def consume() -> None:
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)
+        chunks = list(client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "long"}], max_tokens=60, stream=True))
+        result["text"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    deadline = time.monotonic() + 10
+    while not any(r["stream"] for r in sim.requests(0)):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    gw.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    # Draining: readiness fails at once and new connections are refused.
+    try:
+        status = http_get(f"{gw.admin_url}/readyz")[0]
+    except OSError:
+        status = None
+    assert status in (503, None)
+    try:
+        socket.create_connection(("127.0.0.1", gw.port), timeout=1).close()
+        refused = False
+    except OSError:
+        refused = True
+    assert refused
+    reader.join(timeout=30)
+    assert len(result["text"].split()) == 60
+    assert gw.proc.wait(timeout=10) == 0

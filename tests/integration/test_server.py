@@ -1,0 +1,112 @@
+"""The client-facing HTTP/1.1 server, spoken to over raw sockets: framing, keep-alive and limits."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from tests.conftest import FAST_HEALTH, MODEL, pool_toml
+from tests.integration.test_errors import raw_request
+
+BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+REQUEST = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n" % len(BODY) + BODY)
+
+
+@pytest.fixture
+def stack(simulator, gateway):
+    sim = simulator("sglang")
+    gw = gateway(FAST_HEALTH + "[timeouts]\nrequest_read_s = 1.0\n" + pool_toml("s", "sglang", "interactive", sim.urls))
+    return sim, gw
+
+
+def read_responses(s: socket.socket, count: int) -> list[bytes]:
+    """Read ``count`` Content-Length framed responses from one connection."""
+    data, out = b"", []
+    while len(out) < count:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed after {len(out)} responses"
+        data += chunk
+        while b"\r\n\r\n" in data:
+            head, rest = data.split(b"\r\n\r\n", 1)
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            if len(rest) < length:
+                break
+            out.append(head + b"\r\n\r\n" + rest[:length])
+            data = rest[length:]
+    return out
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(stack):
+    sim, gw = stack
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+        for _ in range(5):
+            s.sendall(REQUEST)
+            (response,) = read_responses(s, 1)
+            assert response.startswith(b"HTTP/1.1 200")
+
+
+def test_pipelined_requests_are_answered_in_order(stack):
+    _, gw = stack
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+        s.sendall(REQUEST.replace(b"Host: gw", b"Host: gw\r\nX-Request-Id: first")
+                  + REQUEST.replace(b"Host: gw", b"Host: gw\r\nX-Request-Id: second"))
+        first, second = read_responses(s, 2)
+    assert b"x-request-id: first" in first and b"x-request-id: second" in second
+
+
+def test_upstream_connections_are_reused_across_requests(stack):
+    sim, gw = stack
+    before = sim.stats(0)["accepted_connections"]
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+        for _ in range(20):
+            s.sendall(REQUEST)
+            read_responses(s, 1)
+    # The engine counts its accepts; this test's own two stats calls and a health check may add to it.
+    assert sim.stats(0)["accepted_connections"] - before <= 3
+    assert "gateway_upstream_connects_total 1.0" in gw.metrics()
+
+
+def test_too_many_headers_is_431(stack):
+    _, gw = stack
+    headers = b"".join(b"X-Pad-%d: v\r\n" % i for i in range(150))
+    status, headers_out, _ = raw_request(gw.port, b"GET /healthz HTTP/1.1\r\nHost: gw\r\n" + headers + b"\r\n")
+    assert status == 431
+    assert headers_out.get("connection") == "close"
+
+
+def test_oversized_header_is_431(stack):
+    _, gw = stack
+    status, _, _ = raw_request(gw.port, b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n")
+    assert status == 431
+
+
+def test_request_sent_too_slowly_gets_408_and_close(stack):
+    _, gw = stack
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n")
+        start = time.monotonic()
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 408")
+    assert time.monotonic() - start < 3.5
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Bad: a\x00b\r\n\r\n",
+    b"GARBAGE\r\n\r\n",
+])
+def test_ambiguous_or_malformed_framing_is_400_and_never_reaches_an_engine(stack, request_bytes):
+    sim, gw = stack
+    status, _, body = raw_request(gw.port, request_bytes)
+    assert status == 400
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
+    assert sim.stats(0)["requests"] == 0
