@@ -1,14 +1,24 @@
-"""Active health checks: each endpoint's own health path, polled on an interval.
+"""Active health checks and engine load signals, both polled off the request path on aiohttp's client.
 
-An endpoint starts unhealthy and becomes healthy after ``health.healthy_threshold`` passing checks
-in a row; ``health.unhealthy_threshold`` failures in a row take it out of rotation. Checks run on
-aiohttp's client: they are few and off the request path.
+Health: an endpoint starts unhealthy and becomes healthy after ``health.healthy_threshold`` passing
+checks of its health path in a row; ``health.unhealthy_threshold`` failures in a row take it out of
+rotation.
+
+Load signals: every ``health.scrape_interval_s`` each engine's ``/metrics`` is read for its running
+and queued requests and KV usage (SGLang ``sglang:num_running_reqs``, ``sglang:num_queue_reqs``,
+``sglang:token_usage``; vLLM ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
+``vllm:kv_cache_usage_perc``). The engine's count includes this process's own requests, which the
+gateway already counts exactly and without delay, so what is kept is the *foreign* part: engine
+running + queued minus this process's in-flight at scrape time, i.e. the load other workers and
+gateway replicas put there. A scrape older than ``health.scrape_stale_s`` is ignored (foreign load
+taken as 0), and the switch is visible: ``gateway_engine_signal_stale`` and a log line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import aiohttp
 
@@ -27,18 +37,20 @@ class HealthChecker:
         self._passes: dict[str, int] = {}
         self._fails: dict[str, int] = {}
         self._session: aiohttp.ClientSession | None = None
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._stale: dict[str, bool] = {}
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
             connector=aiohttp.TCPConnector(limit=0))
         await self.check_all()
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._loop()), loop.create_task(self._scrape_loop())]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
         if self._session is not None:
             await self._session.close()
 
@@ -74,3 +86,70 @@ class HealthChecker:
                 ep.healthy = False
                 log.warning("endpoint unhealthy", extra={"fields": {"endpoint": ep.id, "pool": ep.pool}})
         self.metrics.child(self.metrics.endpoint_healthy, ep.pool, ep.id).set(1 if ep.healthy else 0)
+
+    async def _scrape_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.scrape_interval_s)
+            await asyncio.gather(*(self._scrape(pool, ep) for pool in self.pools for ep in pool.endpoints))
+            self._expire_stale()
+
+    async def _scrape(self, pool: Pool, ep: Endpoint) -> None:
+        if not ep.healthy:
+            return
+        url = f"http://{ep.id}{pool.config.metrics_path}"
+        try:
+            async with self._session.get(url) as resp:  # type: ignore[union-attr]
+                if resp.status != 200:
+                    return
+                text = await resp.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, UnicodeDecodeError):
+            return
+        signals = engine_signals(text)
+        if signals is None:
+            return
+        running, waiting, kv = signals
+        ep.engine_foreign = max(0.0, running + waiting - ep.in_flight)
+        ep.engine_kv_usage = kv
+        ep.engine_seen_at = time.monotonic()
+
+    def _expire_stale(self) -> None:
+        now = time.monotonic()
+        for pool in self.pools:
+            for ep in pool.endpoints:
+                stale = now - ep.engine_seen_at > self.config.scrape_stale_s
+                if stale:
+                    ep.engine_foreign = 0.0
+                if stale != self._stale.get(ep.id):
+                    self._stale[ep.id] = stale
+                    self.metrics.child(self.metrics.engine_signal_stale, ep.pool, ep.id).set(1 if stale else 0)
+                    if stale:
+                        log.warning("engine load signal stale; routing on this process's own counts",
+                                    extra={"fields": {"endpoint": ep.id, "pool": ep.pool}})
+
+
+_RUNNING = ("sglang:num_running_reqs", "vllm:num_requests_running")
+_WAITING = ("sglang:num_queue_reqs", "vllm:num_requests_waiting")
+_KV = ("sglang:token_usage", "vllm:kv_cache_usage_perc")
+
+
+def engine_signals(text: str) -> tuple[float, float, float] | None:
+    """(running, waiting, kv usage) summed over label sets, or None if the engine exports none of them."""
+    running = waiting = kv = 0.0
+    found = False
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in _RUNNING or name in _WAITING or name in _KV:
+            try:
+                value = float(line.rsplit(" ", 1)[1])
+            except (IndexError, ValueError):
+                continue
+            found = True
+            if name in _RUNNING:
+                running += value
+            elif name in _WAITING:
+                waiting += value
+            else:
+                kv = max(kv, value)
+    return (running, waiting, kv) if found else None

@@ -50,6 +50,9 @@ class Metrics:
         self.endpoint_healthy = Gauge(
             "gateway_endpoint_healthy", "1 when the endpoint passes its health checks.",
             ["pool", "endpoint"], multiprocess_mode="livemax", registry=r)
+        self.engine_signal_stale = Gauge(
+            "gateway_engine_signal_stale", "1 while the engine's scraped load signal is missing or stale.",
+            ["pool", "endpoint"], multiprocess_mode="livemax", registry=r)
         self.decisions = Counter(
             "gateway_routing_decisions_total", "Routing decisions by pool, policy and branch.",
             ["pool", "policy", "branch"], registry=r)

@@ -15,7 +15,7 @@ from gateway import settings as cfg
 
 class Endpoint:
     __slots__ = ("id", "pool", "host", "port", "in_flight", "healthy", "ejected_until",
-                 "weight", "engine_running", "engine_waiting", "engine_kv_usage", "engine_seen_at")
+                 "weight", "engine_foreign", "engine_kv_usage", "engine_seen_at")
 
     def __init__(self, url: str, pool: str):
         parts = urlsplit(url)
@@ -27,8 +27,7 @@ class Endpoint:
         self.healthy = False  # until the first health check passes
         self.ejected_until = 0.0
         self.weight = 1.0
-        self.engine_running = 0.0
-        self.engine_waiting = 0.0
+        self.engine_foreign = 0.0  # running + queued at the engine that are not this process's
         self.engine_kv_usage = 0.0
         self.engine_seen_at = 0.0
 
@@ -38,8 +37,8 @@ class Endpoint:
 
     @property
     def load(self) -> float:
-        """Requests this process has in flight there, plus what the engine reports queued."""
-        return self.in_flight + self.engine_waiting
+        """Requests this process has in flight there, plus those the engine last reported from others."""
+        return self.in_flight + self.engine_foreign
 
     def __repr__(self) -> str:
         return f"Endpoint({self.id}, pool={self.pool}, in_flight={self.in_flight}, healthy={self.healthy})"
