@@ -1,0 +1,391 @@
+"""Routing policies (gateway.picker), driven with plain in-test endpoints and a simple load model."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.affinity import key_hash, prefix_hashes
+from gateway.picker import BRANCHES, POLICIES, Decision, RouteKeys, make_policy
+from gateway.ring import HashRing
+
+BLOCK = 256
+SETTINGS = {"c": 1.25, "session_slack": 2.0, "vnodes": 160, "ring_key_blocks": 2, "index_capacity_blocks": 100_000,
+            "index_ttl_s": 600.0, "session_capacity": 10_000, "session_ttl_s": 3600.0, "max_candidates": 3,
+            "seed": 1}
+
+
+@dataclass
+class Ep:
+    id: str
+    load: float = 0.0
+    weight: float = 1.0
+    available: bool = True
+
+
+def endpoints(n: int) -> list[Ep]:
+    return [Ep(f"10.0.0.{i}:30000") for i in range(n)]
+
+
+def policy(name: str, **overrides):
+    return make_policy(name, **{**SETTINGS, **overrides})
+
+
+def keys(text: str = "", session: str | None = None) -> RouteKeys:
+    prefix = prefix_hashes("m", text, BLOCK, 32768) if text else []
+    return RouteKeys(prefix, key_hash(session) if session is not None else None)
+
+
+def send(pol, eps: list[Ep], route: RouteKeys, now: float = 0.0) -> Decision:
+    """Pick, then tell the policy the request went to its first choice, as the gateway does."""
+    decision = pol.pick(eps, route, now)
+    pol.observe(decision.endpoints[0].id, route, now)
+    return decision
+
+
+def text_of(*parts: str) -> str:
+    """Whole 256-character blocks, one per part, so prefix depths are easy to state."""
+    return "".join((p * BLOCK)[:BLOCK] for p in parts)
+
+
+# --- every policy ---------------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(POLICIES), n=st.integers(1, 9), data=st.data())
+def test_every_policy_returns_distinct_available_endpoints_and_a_known_branch(name, n, data):
+    eps = endpoints(n)
+    pol = policy(name, max_candidates=data.draw(st.integers(1, 4)))
+    for step in range(6):
+        for e in eps:
+            e.available = data.draw(st.booleans())
+            e.load = data.draw(st.integers(0, 20))
+            e.weight = data.draw(st.sampled_from([1.0, 1.0, 0.2]))
+        route = keys(data.draw(st.sampled_from(["", "a" * 300, "b" * 700])),
+                     data.draw(st.sampled_from([None, "s1", "s2"])))
+        decision = pol.pick(eps, route, float(step))
+        available = [e for e in eps if e.available]
+        assert decision.branch in BRANCHES
+        assert len(decision.endpoints) == min(pol.max_candidates, len(available))
+        assert len({e.id for e in decision.endpoints}) == len(decision.endpoints)
+        assert all(e.available for e in decision.endpoints)
+        assert decision.matched_blocks >= 0
+        if decision.endpoints:
+            pol.observe(decision.endpoints[-1].id, route, float(step))
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_no_available_endpoint_gives_an_empty_decision(name):
+    eps = endpoints(3)
+    for e in eps:
+        e.available = False
+    assert policy(name).pick(eps, keys("x" * 300, "s"), 0.0) == Decision([], "no_endpoint", 0)
+    assert policy(name).pick([], keys("x" * 300), 0.0) == Decision([], "no_endpoint", 0)
+
+
+def test_unknown_policy_and_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        policy("cache_aware")
+    for bad in ({"c": 0.9}, {"session_slack": -1}, {"max_candidates": 0}, {"vnodes": 0}, {"index_ttl_s": 0}):
+        with pytest.raises(ValueError):
+            policy("prefix", **bad)
+
+
+# --- baselines ------------------------------------------------------------------------------------
+
+def test_round_robin_visits_available_endpoints_in_turn_with_the_next_ones_as_fallbacks():
+    eps = endpoints(4)
+    eps[2].available = False
+    pol = policy("round_robin")
+    firsts = [pol.pick(eps, keys(), 0.0) for _ in range(6)]
+    assert [d.endpoints[0].id for d in firsts] == [eps[i].id for i in (0, 1, 3, 0, 1, 3)]
+    assert [e.id for e in firsts[0].endpoints] == [eps[0].id, eps[1].id, eps[3].id]
+    assert {d.branch for d in firsts} == {"round_robin"}
+
+
+def test_random_is_reproducible_with_a_seed():
+    eps = endpoints(8)
+    a, b = policy("random", seed=5), policy("random", seed=5)
+    sequence = [[e.id for e in a.pick(eps, keys(), 0.0).endpoints] for _ in range(20)]
+    assert sequence == [[e.id for e in b.pick(eps, keys(), 0.0).endpoints] for _ in range(20)]
+    assert len({tuple(s) for s in sequence}) > 10
+
+
+def test_least_load_picks_the_lowest_load_per_weight_and_rotates_ties():
+    eps = endpoints(4)
+    pol = policy("least_load")
+    assert {pol.pick(eps, keys(), 0.0).endpoints[0].id for _ in range(4)} == {e.id for e in eps}
+    for e, load in zip(eps, (5, 2, 9, 3)):
+        e.load = load
+    decision = pol.pick(eps, keys(), 0.0)
+    assert [e.id for e in decision.endpoints] == [eps[1].id, eps[3].id, eps[0].id]
+    assert decision.branch == "least_load"
+
+
+def test_slow_starting_endpoint_fills_gradually():
+    eps = endpoints(2)
+    eps[0].weight, eps[0].load = 0.1, 0.0
+    eps[1].load = 5.0
+    assert policy("least_load").pick(eps, keys(), 0.0).endpoints[0] is eps[1]
+    eps[1].load = 10.0
+    assert policy("least_load").pick(eps, keys(), 0.0).endpoints[0] is eps[0]
+
+
+def test_power_of_two_takes_the_less_loaded_of_its_two_draws():
+    eps = endpoints(2)
+    eps[0].load = 7.0
+    pol = policy("power_of_two")
+    for _ in range(20):
+        decision = pol.pick(eps, keys(), 0.0)
+        assert [e.id for e in decision.endpoints] == [eps[1].id, eps[0].id]
+        assert decision.branch == "power_of_two"
+
+
+# --- prefix ---------------------------------------------------------------------------------------
+
+def test_cold_prompt_goes_to_its_ring_owner_identically_from_every_process_and_replica():
+    eps = endpoints(5)
+    route = keys(text_of("s", "t", "u"))
+    decisions = [policy("prefix").pick(eps, route, 0.0) for _ in range(3)]
+    assert {d.endpoints[0].id for d in decisions} == {HashRing([e.id for e in eps]).owner(route.prefix[1])}
+    assert {d.branch for d in decisions} == {"ring"}
+    assert decisions[0].matched_blocks == 0
+
+
+def test_cold_prompts_spread_over_the_ring():
+    eps = endpoints(4)
+    pol = policy("prefix")
+    counts = dict.fromkeys((e.id for e in eps), 0)
+    for i in range(400):
+        counts[pol.pick(eps, keys(f"user {i} asks: " * 40), 0.0).endpoints[0].id] += 1
+    assert max(counts.values()) < 1.5 * 100 and min(counts.values()) > 0.5 * 100
+
+
+def test_request_goes_to_the_endpoint_holding_its_longest_prefix():
+    eps = endpoints(4)
+    pol = policy("prefix")
+    pol.observe(eps[0].id, keys(text_of("s", "a")), 0.0)
+    pol.observe(eps[1].id, keys(text_of("s", "a", "b")), 0.0)
+    decision = pol.pick(eps, keys(text_of("s", "a", "b", "c")), 1.0)
+    assert decision.endpoints[0] is eps[1]
+    assert (decision.branch, decision.matched_blocks) == ("prefix_hit", 3)
+    decision = pol.pick(eps, keys(text_of("s", "a", "x")), 1.0)
+    assert (decision.endpoints[0], decision.matched_blocks) == (eps[0], 2)
+
+
+def test_holder_above_c_times_mean_overflows_to_the_ring_and_the_next_request_finds_two_holders():
+    eps = endpoints(4)
+    for e in eps:
+        e.load = 4.0
+    pol = policy("prefix")
+    route = keys(text_of("s", "a"))
+    pol.observe(eps[0].id, route, 0.0)
+    eps[0].load = 5.0  # total 17: bound ceil(1.25 * 18 / 4) = 6, and 5 + 1 fits
+    assert (pol.pick(eps, route, 1.0).branch, pol.pick(eps, route, 1.0).endpoints[0]) == ("prefix_hit", eps[0])
+    eps[0].load = 6.0  # total 18: bound ceil(1.25 * 19 / 4) = 6, and 6 + 1 does not
+    overflow = send(pol, eps, route, 1.0)
+    assert overflow.branch == "overflow" and overflow.matched_blocks == 2
+    assert overflow.endpoints[0] is not eps[0]
+    second = pol.pick(eps, route, 2.0)
+    assert (second.branch, second.endpoints[0]) == ("prefix_hit", overflow.endpoints[0])
+
+
+def test_unavailable_holder_sends_the_prefix_to_the_ring():
+    eps = endpoints(3)
+    pol = policy("prefix")
+    route = keys(text_of("s", "a"))
+    pol.observe(eps[0].id, route, 0.0)
+    eps[0].available = False
+    decision = pol.pick(eps, route, 1.0)
+    assert decision.branch == "holder_unavailable" and decision.endpoints[0] is not eps[0]
+
+
+def test_request_without_prompt_goes_to_the_least_loaded_endpoint():
+    eps = endpoints(3)
+    eps[0].load, eps[1].load = 3.0, 1.0
+    eps[2].load = 2.0
+    decision = policy("prefix").pick(eps, keys(), 0.0)
+    assert (decision.branch, decision.endpoints[0]) == ("no_prefix_key", eps[1])
+
+
+def test_conversation_turns_follow_the_previous_turn_without_a_session_key():
+    eps = endpoints(4)
+    pol = policy("prefix")
+    system = "You are a support agent for a bank. " * 40
+    placements: dict[int, set[str]] = {}
+    for turn in range(6):
+        for user in range(20):
+            history = "".join(f"[user] question {q} from customer {user}: " * 8 + "[assistant] answer " * 10
+                              for q in range(turn + 1))
+            decision = send(pol, eps, keys(system + history), float(turn))
+            placements.setdefault(user, set()).add(decision.endpoints[0].id)
+            if turn:
+                assert decision.branch == "prefix_hit"
+                assert decision.matched_blocks > len(prefix_hashes("m", system, BLOCK, 32768))
+    assert all(len(where) == 1 for where in placements.values())
+
+
+def simulate_shared_prompts(n_endpoints: int, prompts: int, requests: int, seed: int) -> tuple[float, float, float]:
+    """Requests = one of `prompts` system prompts + a unique user message; each keeps its endpoint
+    busy for 8-24 steps, 4 arrive per step. Returns (share sent to an endpoint that had already
+    received its system prompt, time-averaged max/mean in-flight, max/mean of requests served)."""
+    rng = random.Random(seed)
+    eps = endpoints(n_endpoints)
+    pol = policy("prefix")
+    systems = [f"System prompt {p}: you are assistant number {p}. " + "Follow the policy. " * 60
+               for p in range(prompts)]
+    seen: dict[str, set[int]] = {e.id: set() for e in eps}
+    served = dict.fromkeys(seen, 0)
+    running: list[tuple[int, Ep]] = []
+    on_holder, ratios = 0, []
+    for i in range(requests):
+        step = i // 4
+        for done in [r for r in running if r[0] <= step]:
+            running.remove(done)
+            done[1].load -= 1
+        p = rng.randrange(prompts)
+        route = keys(systems[p] + f"user {rng.randrange(10_000)} asks {rng.random()}")
+        chosen = send(pol, eps, route, float(step)).endpoints[0]
+        on_holder += p in seen[chosen.id]
+        seen[chosen.id].add(p)
+        served[chosen.id] += 1
+        chosen.load += 1
+        running.append((step + rng.randint(8, 24), chosen))
+        if step >= 25 and i % 4 == 3:
+            loads = [e.load for e in eps]
+            ratios.append(max(loads) / (sum(loads) / len(loads)))
+    return (on_holder / requests, sum(ratios) / len(ratios),
+            max(served.values()) / (requests / n_endpoints))
+
+
+@pytest.mark.parametrize("n_endpoints", [4, 8])
+def test_shared_system_prompts_stay_on_their_holders_while_load_stays_balanced(n_endpoints):
+    on_holder, inflight_ratio, served_ratio = simulate_shared_prompts(n_endpoints, 10, 2000, seed=3)
+    assert on_holder >= 0.90
+    assert inflight_ratio <= 1.3
+    assert served_ratio <= 1.3
+
+
+def test_one_prompt_shared_by_every_request_spreads_over_all_endpoints():
+    on_holder, inflight_ratio, served_ratio = simulate_shared_prompts(4, 1, 2000, seed=4)
+    assert on_holder >= 0.95
+    assert inflight_ratio <= 1.3
+    assert served_ratio <= 1.3
+
+
+# --- sessions -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["session", "prefix"])
+def test_a_sessions_hundred_turns_land_on_one_endpoint(name):
+    eps = endpoints(4)
+    rng = random.Random(1)
+    pol = policy(name)
+    where, branches = set(), set()
+    for turn in range(100):
+        for e in eps:
+            e.load = rng.randint(3, 6)
+        decision = send(pol, eps, keys(f"turn {turn} " * 50, session="conversation-42"), float(turn))
+        where.add(decision.endpoints[0].id)
+        branches.add(decision.branch)
+    assert len(where) == 1 and branches == {"session"}
+    ring = HashRing([e.id for e in eps])
+    assert where == {ring.owner(key_hash("conversation-42"))}
+
+
+def test_session_moves_once_when_its_endpoint_dies_and_stays_after_it_recovers():
+    eps = endpoints(4)
+    pol = policy("session")
+    route = keys(session="user-7")
+    order = list(HashRing([e.id for e in eps]).walk(route.session))
+    home = next(e for e in eps if e.id == order[0])
+    trace = []
+    for turn in range(100):
+        home.available = not 30 <= turn < 60
+        decision = send(pol, eps, route, float(turn))
+        trace.append((decision.endpoints[0].id, decision.branch))
+    assert all(t == (order[0], "session") for t in trace[:30])
+    assert trace[30] == (order[1], "session_moved")
+    assert all(t == (order[1], "session") for t in trace[31:])
+    assert len(pol) == 1
+
+
+def test_session_stays_within_its_slack_and_moves_beyond_it():
+    eps = endpoints(4)
+    pol = policy("session", session_slack=2.0)
+    route = keys(session="user-9")
+    home = next(e for e in eps if e.id == HashRing([e.id for e in eps]).owner(route.session))
+    for e in eps:
+        e.load = 4.0
+    home.load = 7.0  # total 19: bound ceil(1.25 * 20 / 4) = 7; 7 + 1 <= 7 + 2
+    assert pol.pick(eps, route, 0.0).branch == "session"
+    home.load = 9.0  # total 21: bound 7; 9 + 1 > 7 + 2
+    decision = pol.pick(eps, route, 0.0)
+    assert decision.branch == "session_moved" and decision.endpoints[0] is not home
+
+
+def test_moved_sessions_are_bounded_and_expire_back_to_their_ring_owner():
+    eps = endpoints(3)
+    pol = policy("session", session_capacity=10, session_ttl_s=100.0)
+    eps[0].available = False
+    moved = [f"s{i}" for i in range(200) if HashRing([e.id for e in eps]).owner(key_hash(f"s{i}")) == eps[0].id]
+    for i, session in enumerate(moved):
+        send(pol, eps, keys(session=session), float(i) / 100)
+        assert len(pol) <= 10
+    eps[0].available = True
+    last = moved[-1]
+    assert pol.pick(eps, keys(session=last), 2.0).endpoints[0] is not eps[0], "still sticky"
+    assert pol.pick(eps, keys(session=last), 200.0).endpoints[0] is eps[0], "expired: back home"
+
+
+def test_a_retry_elsewhere_moves_the_session_to_where_the_request_went():
+    eps = endpoints(3)
+    pol = policy("session")
+    route = keys(session="user-1")
+    first = pol.pick(eps, route, 0.0)
+    pol.observe(first.endpoints[1].id, route, 0.0)  # the first choice failed; the fallback served it
+    assert pol.pick(eps, route, 1.0).endpoints[0] is first.endpoints[1]
+    pol.observe(first.endpoints[0].id, route, 2.0)
+    assert len(pol) == 0, "back on its ring owner: nothing to remember"
+
+
+def test_session_policy_without_session_key_balances_load_and_says_so():
+    eps = endpoints(3)
+    eps[0].load, eps[2].load = 5.0, 5.0
+    decision = policy("session").pick(eps, keys("hello"), 0.0)
+    assert (decision.branch, decision.endpoints[0]) == ("no_session_key", eps[1])
+
+
+def test_prefix_policy_routes_a_session_key_by_session_and_still_learns_its_prefix():
+    eps = endpoints(4)
+    pol = policy("prefix")
+    prompt = text_of("s", "a", "b")
+    first = send(pol, eps, keys(prompt, session="chat-3"), 0.0)
+    assert first.branch == "session"
+    follow = pol.pick(eps, keys(prompt + text_of("c")), 1.0)
+    assert (follow.branch, follow.endpoints[0]) == ("prefix_hit", first.endpoints[0])
+
+
+def test_adding_an_endpoint_moves_about_one_nth_of_the_sessions_and_only_to_it():
+    eps = endpoints(4)
+    pol = policy("session")
+    sessions = [keys(session=f"s{i}") for i in range(2000)]
+    before = [pol.pick(eps, s, 0.0).endpoints[0].id for s in sessions]
+    eps.append(Ep("10.0.0.9:30000"))
+    after = [pol.pick(eps, s, 0.0).endpoints[0].id for s in sessions]
+    moved = [b for a, b in zip(before, after) if a != b]
+    assert set(moved) == {"10.0.0.9:30000"}
+    assert len(moved) / len(sessions) <= 1 / 5 + 0.05
+
+
+def test_pool_endpoint_satisfies_the_candidate_contract():
+    from gateway import pool
+
+    eps = [pool.Endpoint(f"http://127.0.0.1:{30000 + i}", "interactive") for i in range(3)]
+    for e in eps:
+        e.healthy = True
+        e.refresh()
+    decision = send(policy("prefix"), eps, keys(text_of("s", "a")), 0.0)
+    assert decision.branch == "ring" and len(decision.endpoints) == 3
