@@ -21,7 +21,9 @@ from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.picker import make_policy
 from gateway.pool import Pool
-from gateway.relay import Relay
+from gateway.admission import Admission
+from gateway.outlier import OutlierDetector
+from gateway.relay import Relay, RetryBudget
 from gateway.router import Router
 from gateway.server import HttpServer
 from gateway.settings import Settings
@@ -50,10 +52,16 @@ class Gateway:
         self.upstream = Upstream(s.timeouts.connect_s, s.limits.upstream_idle_per_endpoint,
                                  self.metrics.upstream_connects.inc)
         self.router = Router(self.pools, r, self.metrics)
-        self.relay = Relay(self.upstream, s.timeouts, s.limits, self.metrics, r.endpoint_header)
-        self.handlers = h = Handlers(self.router, self.relay, self.metrics, self.access_log, self.lifecycle,
-                                     s.models(), s.listen.public_metrics)
-        self.health = HealthChecker(self.pools, s.health, self.metrics)
+        self.outlier = OutlierDetector(self.pools, s.outlier)
+        self.outlier.on_eject = lambda ep, seconds: self.metrics.child(self.metrics.ejections, ep.pool, ep.id).inc()
+        self.admission = Admission(self.pools, s.admission, self.metrics)
+        b = s.retry_budget
+        self.relay = Relay(self.upstream, s.timeouts, s.limits, self.metrics, RetryBudget(b.ratio, b.min_per_s, b.cap),
+                           self.outlier, r.endpoint_header)
+        self.relay.on_release = self.admission.release
+        self.handlers = h = Handlers(self.router, self.admission, self.relay, self.metrics, self.access_log,
+                                     self.lifecycle, s.models(), s.listen.public_metrics)
+        self.health = HealthChecker(self.pools, s.health, self.metrics, self.outlier, self.admission)
         self.server = HttpServer(
             {
                 b"/v1/chat/completions": {b"POST": h.chat_completions},

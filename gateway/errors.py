@@ -7,6 +7,7 @@ exception class; ``x-should-retry`` tells those SDKs whether a retry can help.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import orjson
@@ -25,12 +26,16 @@ KINDS: dict[str, Kind] = {
     "invalid_json": Kind(400, "invalid_request_error", "invalid_json", False),
     "invalid_request": Kind(400, "invalid_request_error", "invalid_value", False),
     "bad_http": Kind(400, "invalid_request_error", "bad_request", False, close=True),
+    "invalid_api_key": Kind(401, "authentication_error", "invalid_api_key", False),
+    "permission_denied": Kind(403, "permission_error", "permission_denied", False),
     "not_found": Kind(404, "invalid_request_error", "not_found", False),
     "model_not_found": Kind(404, "invalid_request_error", "model_not_found", False),
     "method_not_allowed": Kind(405, "invalid_request_error", "method_not_allowed", False),
     "request_timeout": Kind(408, "invalid_request_error", "request_timeout", False, close=True),
     "request_too_large": Kind(413, "invalid_request_error", "request_too_large", False, close=True),
     "headers_too_large": Kind(431, "invalid_request_error", "request_header_fields_too_large", False, close=True),
+    "rate_limited": Kind(429, "rate_limit_error", "rate_limit_exceeded", True, 1),
+    "overloaded": Kind(429, "rate_limit_error", "overloaded", True, 1),
     "internal_error": Kind(500, "server_error", "internal_error", True),
     "upstream_error": Kind(502, "server_error", "upstream_error", True),
     "no_healthy_upstream": Kind(503, "service_unavailable_error", "no_healthy_upstream", True, 1),
@@ -50,11 +55,12 @@ REASONS: dict[int, bytes] = {
 class GatewayError(Exception):
     """An error answered by the gateway itself. ``kind`` is a key of :data:`KINDS`."""
 
-    def __init__(self, kind: str, message: str, param: str | None = None):
+    def __init__(self, kind: str, message: str, param: str | None = None, retry_after_s: float | None = None):
         super().__init__(message)
         self.kind = KINDS[kind]
         self.message = message
         self.param = param
+        self.retry_after_s = retry_after_s  # overrides the kind's, e.g. a token bucket's real refill time
 
     def body(self) -> bytes:
         return error_body(self.message, self.kind.type, self.kind.code, self.param)
@@ -64,8 +70,13 @@ class GatewayError(Exception):
         out: list[tuple[bytes, bytes]] = []
         if k.should_retry is not None:
             out.append((b"x-should-retry", b"true" if k.should_retry else b"false"))
-        if k.retry_after_s is not None:
+        if self.retry_after_s is not None:
+            out.append((b"retry-after", b"%d" % math.ceil(self.retry_after_s)))
+            out.append((b"retry-after-ms", b"%d" % math.ceil(self.retry_after_s * 1000)))
+        elif k.retry_after_s is not None:
             out.append((b"retry-after", b"%d" % k.retry_after_s))
+        if k.status == 401:
+            out.append((b"www-authenticate", b"Bearer"))
         return out
 
     def sse_event(self) -> bytes:
@@ -81,6 +92,7 @@ class EngineError(GatewayError):
         self.kind = Kind(status, "", "", None)
         self.message = str(self)
         self.param = None
+        self.retry_after_s = None
         self._body = engine_error_body(status, body)
 
     def body(self) -> bytes:

@@ -17,6 +17,7 @@ import time
 import orjson
 
 from gateway import affinity, protocol
+from gateway.admission import Admission
 from gateway.errors import GatewayError
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
@@ -36,9 +37,11 @@ class Lifecycle:
 
 
 class Handlers:
-    def __init__(self, router: Router, relay: Relay, metrics: Metrics, access_log: AccessLog,
-                 lifecycle: Lifecycle, models: list[str], public_metrics: bool):
+    def __init__(self, router: Router, admission: Admission, relay: Relay, metrics: Metrics,
+                 access_log: AccessLog, lifecycle: Lifecycle, models: list[str], public_metrics: bool):
         self.router = router
+        self.max_prefix_chars = router.routing.max_prefix_chars
+        self.admission = admission
         self.relay = relay
         self.metrics = metrics
         self.access_log = access_log
@@ -55,7 +58,7 @@ class Handlers:
         try:
             decoded = protocol.decode_chat(request.body)
             self._admit(call)
-            self._route(call, request, decoded, affinity.chat_text(decoded.messages))
+            await self._route(call, request, decoded, affinity.chat_text(decoded.messages, self.max_prefix_chars))
             await self.relay.serve(call, conn)
         except GatewayError as e:
             call.status = e.kind.status
@@ -68,7 +71,7 @@ class Handlers:
         try:
             decoded = protocol.decode_completion(request.body)
             self._admit(call)
-            self._route(call, request, decoded, protocol.completion_text(decoded.prompt))
+            await self._route(call, request, decoded, protocol.completion_text(decoded.prompt))
             await self.relay.serve(call, conn)
         except GatewayError as e:
             call.status = e.kind.status
@@ -88,12 +91,13 @@ class Handlers:
         if self.lifecycle.draining:
             raise GatewayError("draining", "the gateway is shutting down; retry on another replica")
 
-    def _route(self, call: Call, request: Request, decoded, text: str) -> None:
+    async def _route(self, call: Call, request: Request, decoded, text: str) -> None:
+        """Pool and ordered candidates; waits in the pool's queue when every candidate is full."""
         call.model = decoded.model
         call.stream = decoded.stream
         workload = BATCH if (request.header(b"x-workload-class") == b"batch"
                              or decoded.service_tier == "flex") else INTERACTIVE
-        self.router.route(call, request.headers, decoded, text, workload)
+        await self.admission.place(call, lambda: self.router.route(call, request.headers, decoded, text, workload))
         call.forward_headers = forward_headers(request.headers)
 
     def _settle(self, call: Call) -> None:

@@ -22,7 +22,9 @@ import time
 
 import aiohttp
 
+from gateway.admission import Admission
 from gateway.metrics import Metrics
+from gateway.outlier import OutlierDetector
 from gateway.pool import Endpoint, Pool
 from gateway.settings import Health
 
@@ -30,15 +32,21 @@ log = logging.getLogger("gateway.health")
 
 
 class HealthChecker:
-    def __init__(self, pools: list[Pool], config: Health, metrics: Metrics):
+    TICK_S = 0.25
+
+    def __init__(self, pools: list[Pool], config: Health, metrics: Metrics, outlier: OutlierDetector,
+                 admission: Admission):
         self.pools = pools
         self.config = config
         self.metrics = metrics
+        self.outlier = outlier
+        self.admission = admission
         self._passes: dict[str, int] = {}
         self._fails: dict[str, int] = {}
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
         self._stale: dict[str, bool] = {}
+        self._was_healthy: set[str] = set()
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -46,7 +54,8 @@ class HealthChecker:
             connector=aiohttp.TCPConnector(limit=0))
         await self.check_all()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._loop()), loop.create_task(self._scrape_loop())]
+        self._tasks = [loop.create_task(self._loop()), loop.create_task(self._scrape_loop()),
+                       loop.create_task(self._tick_loop())]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -78,14 +87,26 @@ class HealthChecker:
             self._passes[ep.id] = self._passes.get(ep.id, 0) + 1
             if not ep.healthy and self._passes[ep.id] >= self.config.healthy_threshold:
                 ep.healthy = True
+                ep.refresh()
                 log.info("endpoint healthy", extra={"fields": {"endpoint": ep.id, "pool": ep.pool}})
+                if ep.id in self._was_healthy:
+                    self.outlier.returned(ep, time.monotonic())  # back after failing: slow start
+                self._was_healthy.add(ep.id)
         else:
             self._passes[ep.id] = 0
             self._fails[ep.id] = self._fails.get(ep.id, 0) + 1
             if ep.healthy and self._fails[ep.id] >= self.config.unhealthy_threshold:
                 ep.healthy = False
+                ep.refresh()
                 log.warning("endpoint unhealthy", extra={"fields": {"endpoint": ep.id, "pool": ep.pool}})
         self.metrics.child(self.metrics.endpoint_healthy, ep.pool, ep.id).set(1 if ep.healthy else 0)
+
+    async def _tick_loop(self) -> None:
+        """Slow-start ramps, ejection expiry, panic, autoscaling signals: a few times a second."""
+        while True:
+            await asyncio.sleep(self.TICK_S)
+            self.outlier.tick(time.monotonic())
+            self.admission.export()
 
     async def _scrape_loop(self) -> None:
         while True:

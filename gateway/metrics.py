@@ -68,6 +68,19 @@ class Metrics:
         self.client_disconnects = Counter(
             "gateway_client_disconnects_total", "Requests whose client went away before the end.",
             ["route"], registry=r)
+        self.retry_budget_exhausted = Counter(
+            "gateway_retry_budget_exhausted_total", "Retries not made because the retry budget was spent.",
+            registry=r)
+        self.ejections = Counter(
+            "gateway_endpoint_ejections_total", "Replicas ejected by outlier detection.",
+            ["pool", "endpoint"], registry=r)
+        self.queue_depth = Gauge(
+            "gateway_pool_queue_depth", "Requests waiting for capacity, by pool and traffic class.",
+            ["pool", "class"], multiprocess_mode="livesum", registry=r)
+        self.demand_ratio = Gauge(
+            "gateway_pool_demand_ratio",
+            "(in flight + queued) / (target x available replicas): above 1, the pool runs past its target.",
+            ["pool"], multiprocess_mode="livesum", registry=r)
         self.tokens = Counter(
             "gateway_tokens_total", "Tokens reported by engines in usage, by kind (prompt, cached, completion).",
             ["model", "pool", "kind"], registry=r)

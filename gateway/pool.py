@@ -7,14 +7,13 @@ and its slow-start weight. Health and scrapes update these fields; the picker on
 
 from __future__ import annotations
 
-import time
 from urllib.parse import urlsplit
 
 from gateway import settings as cfg
 
 
 class Endpoint:
-    __slots__ = ("id", "pool", "host", "port", "in_flight", "healthy", "ejected_until",
+    __slots__ = ("id", "pool", "host", "port", "in_flight", "healthy", "ejected_until", "panic", "available",
                  "weight", "engine_foreign", "engine_kv_usage", "engine_seen_at")
 
     def __init__(self, url: str, pool: str):
@@ -25,15 +24,18 @@ class Endpoint:
         self.port = parts.port or 80
         self.in_flight = 0
         self.healthy = False  # until the first health check passes
-        self.ejected_until = 0.0
-        self.weight = 1.0
+        self.ejected_until = 0.0  # set and cleared by outlier detection
+        self.panic = False  # the pool is in panic mode: ejections are ignored
+        # Derived from the three above by refresh(), kept as a plain attribute because the picker
+        # reads it for every endpoint on every request.
+        self.available = False
+        self.weight = 1.0  # slow start: below 1 while a returning replica ramps up
         self.engine_foreign = 0.0  # running + queued at the engine that are not this process's
         self.engine_kv_usage = 0.0
         self.engine_seen_at = 0.0
 
-    @property
-    def available(self) -> bool:
-        return self.healthy and self.ejected_until <= time.monotonic()
+    def refresh(self) -> None:
+        self.available = self.healthy and (self.panic or not self.ejected_until)
 
     @property
     def load(self) -> float:
@@ -45,7 +47,7 @@ class Endpoint:
 
 
 class Pool:
-    __slots__ = ("name", "engine", "role", "models", "endpoints", "policy", "config", "auth_header")
+    __slots__ = ("name", "engine", "role", "models", "endpoints", "policy", "config", "auth_header", "panic")
 
     def __init__(self, config: cfg.Pool, policy):
         self.config = config
@@ -55,8 +57,15 @@ class Pool:
         self.models = frozenset(config.models)
         self.endpoints = [Endpoint(url, config.name) for url in config.endpoints]
         self.policy = policy
+        self.panic = False
         self.auth_header = (b"authorization: Bearer " + config.api_key.encode() + b"\r\n"
                             if config.api_key else b"")
+
+    def set_panic(self, panic: bool) -> None:
+        self.panic = panic
+        for e in self.endpoints:
+            e.panic = panic
+            e.refresh()
 
     def available(self) -> list[Endpoint]:
         return [e for e in self.endpoints if e.available]

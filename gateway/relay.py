@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 
 from gateway.errors import EngineError, GatewayError, engine_error_body, error_body, upstream_failure
 from gateway.metrics import Metrics
+from gateway.outlier import OutlierDetector
 from gateway.pool import Endpoint, Pool
 from gateway.server import Connection
 from gateway.settings import Limits, Timeouts
@@ -42,7 +44,7 @@ class Call:
     __slots__ = ("route", "path", "request_id", "model", "stream", "body", "forward_headers", "received_at",
                  "pool", "candidates", "branch", "matched_blocks", "endpoint", "status", "attempts",
                  "written_at", "first_byte_at", "done_at", "events", "last_event_at", "usage_tail",
-                 "outcome", "keys")
+                 "outcome", "keys", "workload")
 
     def __init__(self, route: str, path: bytes, request_id: bytes, received_at: float):
         self.route = route
@@ -58,6 +60,7 @@ class Call:
         self.branch = ""
         self.matched_blocks = 0
         self.keys = None
+        self.workload = "interactive"
         self.endpoint: Endpoint | None = None
         self.status = 0
         self.attempts = 0
@@ -78,20 +81,54 @@ def forward_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
     return b"".join(k + b": " + v + b"\r\n" for k, v in headers if k not in _NOT_FORWARDED)
 
 
+class RetryBudget:
+    """A token bucket of retries: each request adds ``ratio``, time adds ``min_per_s``, capped at ``cap``.
+
+    Over any stretch of traffic, retries <= ratio x requests + min_per_s x seconds + cap, so when a
+    whole pool browns out, upstream attempts stay near (1 + ratio) x client requests instead of
+    multiplying by the attempt limit.
+    """
+
+    def __init__(self, ratio: float, min_per_s: float, cap: float):
+        self.ratio = ratio
+        self.min_per_s = min_per_s
+        self.cap = cap
+        self.balance = cap
+        self.refilled_at = time.monotonic()
+
+    def deposit(self) -> None:
+        self.balance = min(self.cap, self.balance + self.ratio)
+
+    def withdraw(self, now: float) -> bool:
+        self.balance = min(self.cap, self.balance + (now - self.refilled_at) * self.min_per_s)
+        self.refilled_at = now
+        if self.balance >= 1.0:
+            self.balance -= 1.0
+            return True
+        return False
+
+
 class Relay:
     def __init__(self, upstream: Upstream, timeouts: Timeouts, limits: Limits, metrics: Metrics,
-                 endpoint_header: bool):
+                 budget: RetryBudget, outlier: OutlierDetector, endpoint_header: bool):
         self.upstream = upstream
         self.timeouts = timeouts
         self.max_attempts = limits.max_attempts
         self.metrics = metrics
+        self.budget = budget
+        self.outlier = outlier
         self.endpoint_header = endpoint_header
+        self.on_release: Callable[[Endpoint], None] = lambda endpoint: None
 
     async def serve(self, call: Call, conn: Connection) -> None:
         """Try the candidates in order until one answers; relay its answer to the client."""
         failure: UpstreamError | tuple[int, bytes, bytes] | None = None
+        self.budget.deposit()
         for endpoint in call.candidates[:self.max_attempts]:
             if failure is not None:
+                if not self.budget.withdraw(time.monotonic()):
+                    self.metrics.retry_budget_exhausted.inc()
+                    break
                 self.metrics.child(self.metrics.retries, _reason(failure)).inc()
             call.attempts += 1
             call.endpoint = endpoint
@@ -103,6 +140,7 @@ class Relay:
             finally:
                 endpoint.in_flight -= 1
                 gauge.dec()
+                self.on_release(endpoint)
             if failure is None:
                 return
         raise _final_error(failure)
@@ -117,14 +155,18 @@ class Relay:
             status = ex.status
             if status >= 500 or status == 429:
                 await ex.wait_done(self.timeouts.idle_s)
+                if status >= 500:
+                    self.outlier.failure(endpoint, time.monotonic())
                 return status, ex.header(b"content-type") or b"", ex.take()
             if call.stream and status == 200:
                 await self._relay_stream(call, ex, conn)
             else:
                 await ex.wait_done(self.timeouts.idle_s)
                 self._respond(call, conn, status, ex)
+            self.outlier.success(endpoint)
             return None
         except UpstreamError as e:
+            self.outlier.failure(endpoint, time.monotonic())
             if conn.started:
                 self._abort_stream(call, conn, e)
                 return None

@@ -40,6 +40,7 @@ class Router:
         pools = self.by_model.get(call.model)
         if pools is None:
             raise GatewayError("model_not_found", f"The model `{call.model}` does not exist.", "model")
+        call.workload = workload
         pool, spilled = self._pool(pools, workload)
         if pool is None:
             raise GatewayError("no_healthy_upstream", f"no healthy endpoint serves model `{call.model}`")

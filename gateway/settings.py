@@ -56,6 +56,10 @@ class Pool(_Section):
     api_key: str | None = None
     health_path: str = "/health"
     metrics_path: str = "/metrics"
+    # Requests in flight per replica from this process: aim below target, never above max (beyond
+    # max, requests wait in the pool's queue). Batch pools with large batches want larger values.
+    target_in_flight: int = 32
+    max_in_flight: int = 64
 
     @property
     def effective_policy(self) -> str:
@@ -120,6 +124,37 @@ class Health(_Section):
     scrape_stale_s: float = 5.0
 
 
+class Admission(_Section):
+    """Bounded wait queues per pool and traffic class (see gateway/admission.py)."""
+
+    interactive_queue: int = 256
+    interactive_wait_s: float = 2.0
+    batch_queue: int = 4096
+    batch_wait_s: float = 60.0
+
+
+class Outlier(_Section):
+    """Passive health from live traffic (see gateway/outlier.py)."""
+
+    consecutive_failures: int = 5
+    base_ejection_s: float = 30.0
+    max_ejection_s: float = 300.0
+    max_ejected_percent: float = 50.0
+    # Below this share of available replicas a pool routes over all its healthy replicas.
+    panic_threshold_percent: float = 50.0
+    slow_start_s: float = 30.0
+    min_weight: float = 0.1
+
+
+class RetryBudget(_Section):
+    """Retries before commit are paid from a budget, so a brownout cannot become a retry storm:
+    every request adds ``ratio`` of a retry, time adds ``min_per_s``, the balance is capped at ``cap``."""
+
+    ratio: float = 0.2
+    min_per_s: float = 1.0
+    cap: float = 10.0
+
+
 class Logging(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
@@ -134,6 +169,9 @@ class Settings(_Section):
     limits: Limits = msgspec.field(default_factory=Limits)
     routing: Routing = msgspec.field(default_factory=Routing)
     health: Health = msgspec.field(default_factory=Health)
+    outlier: Outlier = msgspec.field(default_factory=Outlier)
+    admission: Admission = msgspec.field(default_factory=Admission)
+    retry_budget: RetryBudget = msgspec.field(default_factory=RetryBudget)
     logging: Logging = msgspec.field(default_factory=Logging)
     pools: list[Pool] = msgspec.field(default_factory=list)
 
@@ -208,10 +246,19 @@ def _validate(s: Settings) -> None:
             raise bad(key, f"must be a TCP port (0-65535), got {port}")
     if s.workers < 1:
         raise bad("workers", "must be at least 1")
-    for section in ("timeouts", "limits", "health"):
+    for section in ("timeouts", "limits", "health", "outlier", "admission"):
         for field, value in msgspec.structs.asdict(getattr(s, section)).items():
             if isinstance(value, (int, float)) and value <= 0:
                 raise bad(f"{section}.{field}", f"must be positive, got {value}")
+    o = s.outlier
+    for key in ("max_ejected_percent", "panic_threshold_percent"):
+        if getattr(o, key) > 100:
+            raise bad(f"outlier.{key}", "is a percentage (0-100]")
+    if o.min_weight > 1:
+        raise bad("outlier.min_weight", "must be in (0, 1]")
+    b = s.retry_budget
+    if b.ratio < 0 or b.min_per_s < 0 or b.cap < 0:
+        raise bad("retry_budget", "ratio, min_per_s and cap must be >= 0")
     r = s.routing
     if r.load_factor < 1.0:
         raise bad("routing.load_factor", f"must be >= 1.0, got {r.load_factor}")
@@ -233,6 +280,8 @@ def _validate(s: Settings) -> None:
             parts = urlsplit(url)
             if parts.scheme != "http" or not parts.hostname or not parts.port or parts.path not in ("", "/"):
                 raise bad(f"{where}.endpoints[{j}]", f"must look like http://host:port, got {url!r}")
+        if not 1 <= pool.target_in_flight <= pool.max_in_flight:
+            raise bad(f"{where}.target_in_flight", "must be between 1 and max_in_flight")
         for key in ("health_path", "metrics_path"):
             if not getattr(pool, key).startswith("/"):
                 raise bad(f"{where}.{key}", "must start with /")
