@@ -148,7 +148,6 @@ class GatewayProcess:
         raise RuntimeError(f"gateway not ready in {timeout}s: {self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def access_log(self) -> list[dict]:
@@ -163,7 +162,8 @@ class GatewayProcess:
 
     def stop(self) -> int:
         _stop(self.proc, timeout=40)
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
         return self.proc.returncode
 
 
