@@ -53,11 +53,11 @@ def _serve(config, serve_admin: bool, reuse_port: bool) -> int:
     async def run() -> None:
         gateway = Gateway(config, serve_admin=serve_admin)
         await gateway.start(reuse_port=reuse_port)
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+            loop.add_signal_handler(sig, gateway.stop_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload_keys)
+        await gateway.stop_requested.wait()
         log.info("draining", extra={"fields": {"drain_s": config.timeouts.drain_s}})
         await gateway.drain()
         await gateway.stop()
@@ -74,7 +74,7 @@ def _supervise(config, config_path: str | None, workers: int) -> int:
     from aiohttp import web
     from prometheus_client import multiprocess
 
-    from gateway.app import start_admin
+    from gateway.admin import start_admin
     from gateway.metrics import Metrics
 
     cmd = [sys.executable, "-m", "gateway", "--worker"] + (["--config", config_path] if config_path else [])
@@ -86,6 +86,12 @@ def _supervise(config, config_path: str | None, workers: int) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
+
+        def reload_keys() -> None:
+            for proc in procs:
+                proc.send_signal(signal.SIGHUP)
+
+        loop.add_signal_handler(signal.SIGHUP, reload_keys)
 
         app = web.Application()
 

@@ -2,7 +2,7 @@
 
 Nothing else in the package reaches for module-level state; a test can build two gateways in one
 process. :class:`Gateway` owns the public listener (uvloop Protocols, ``server.py``), the admin
-listener (aiohttp), the upstream pool, the health checker, and the drain sequence.
+listener (aiohttp, ``admin.py``), the upstream pool, the health checker, and the drain sequence.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ import asyncio
 import logging
 import time
 
-import orjson
 from aiohttp import web
 
 from gateway.errors import GatewayError
-from gateway.handlers import Handlers, Lifecycle, readiness
+from gateway.admin import admin_app, start_admin
+from gateway.auth import KeyFileError, KeyStore, pepper_from_env
+from gateway.handlers import Handlers, Lifecycle
+from gateway.limits import Limiter
 from gateway.health import HealthChecker
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
@@ -59,8 +61,12 @@ class Gateway:
         self.relay = Relay(self.upstream, s.timeouts, s.limits, self.metrics, RetryBudget(b.ratio, b.min_per_s, b.cap),
                            self.outlier, r.endpoint_header)
         self.relay.on_release = self.admission.release
-        self.handlers = h = Handlers(self.router, self.admission, self.relay, self.metrics, self.access_log,
-                                     self.lifecycle, s.models(), s.listen.public_metrics)
+        self.keys = (KeyStore.load(s.auth.keys_file, pepper_from_env(s.auth.pepper_env))
+                     if s.auth.keys_file else KeyStore.disabled())
+        self.limiter = Limiter()
+        self.handlers = h = Handlers(self.keys, self.limiter, self.router, self.admission, self.relay, self.metrics,
+                                     self.access_log, self.lifecycle, s.models(), s.listen.public_metrics,
+                                     frozenset(h.lower() for h in s.limits.media_url_allowlist))
         self.health = HealthChecker(self.pools, s.health, self.metrics, self.outlier, self.admission)
         self.server = HttpServer(
             {
@@ -73,6 +79,8 @@ class Gateway:
             },
             s.limits, s.timeouts, not_found=h.not_found)
         self._admin_runner: web.AppRunner | None = None
+        # Set by SIGTERM / SIGINT (in __main__) or the admin API's drain: the process drains and exits.
+        self.stop_requested = asyncio.Event()
         self.port = 0
         self.admin_port = 0
 
@@ -81,10 +89,25 @@ class Gateway:
         await self.health.start()
         self.port = await self.server.start(self.settings.listen.host, self.settings.listen.port, reuse_port)
         if self.serve_admin:
-            self._admin_runner, self.admin_port = await start_admin(self.admin_app(), self.settings)
+            app = admin_app(pools=self.pools, router=self.router, lifecycle=self.lifecycle, metrics=self.metrics,
+                            outlier=self.outlier, keys=self.keys, request_drain=self.stop_requested.set)
+            self._admin_runner, self.admin_port = await start_admin(app, self.settings)
         log.info("gateway listening", extra={"fields": {
             "port": self.port, "admin_port": self.admin_port, "region": self.settings.region,
             "pools": [p.name for p in self.pools]}})
+
+    def reload_keys(self) -> None:
+        """SIGHUP: re-read the keys file; a broken file keeps the old table."""
+        if not self.keys.enabled:
+            return
+        try:
+            changes = self.keys.reload()
+        except KeyFileError as e:
+            log.error("keys reload failed; keeping the old table", extra={"fields": {"error": str(e)}})
+            return
+        logging.getLogger("gateway.audit").info("admin action", extra={"fields": {
+            "action": "reload_keys", "key_id": "-", "via": "SIGHUP", "added": len(changes.added),
+            "removed": len(changes.removed), "changed": len(changes.changed)}})
 
     async def drain(self) -> None:
         """Fail readiness, stop accepting, let running requests finish within the drain window, then
@@ -98,6 +121,8 @@ class Gateway:
         if left:
             log.warning("drain window over; ending requests", extra={"fields": {"requests": len(left)}})
         for conn in left:
+            if conn.started:
+                self.metrics.child(self.metrics.stream_aborts, "draining").inc()
             conn.fail(GatewayError("draining", "the gateway shut down before the response finished"))
             conn.task.cancel()
         await asyncio.sleep(0)
@@ -109,38 +134,3 @@ class Gateway:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         await self.access_log.stop()
-
-    def admin_app(self) -> web.Application:
-        app = web.Application()
-
-        async def metrics(request: web.Request) -> web.Response:
-            return web.Response(body=self.metrics.exposition(),
-                                headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-
-        async def healthz(request: web.Request) -> web.Response:
-            return web.json_response({"status": "ok"})
-
-        async def readyz(request: web.Request) -> web.Response:
-            ready, body = readiness(self.router, self.lifecycle)
-            return web.Response(status=200 if ready else 503, body=body, content_type="application/json")
-
-        async def endpoints(request: web.Request) -> web.Response:
-            return web.Response(body=orjson.dumps([
-                {"pool": p.name, "engine": p.engine, "role": p.role, "endpoint": e.id, "healthy": e.healthy,
-                 "available": e.available, "in_flight": e.in_flight, "load": e.load, "weight": e.weight}
-                for p in self.pools for e in p.endpoints]), content_type="application/json")
-
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
-        app.router.add_get("/admin/endpoints", endpoints)
-        return app
-
-
-async def start_admin(app: web.Application, settings: Settings) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.admin.host, settings.admin.port)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, port

@@ -1,11 +1,14 @@
 """Thin HTTP handlers. Each generation handler is the same straight line of named steps:
 
-    begin -> decode -> admit -> route -> relay -> settle
+    begin -> auth -> decode -> admit -> route -> relay -> settle
 
-``begin`` names the request (x-request-id), ``decode`` reads only the fields routing needs,
-``admit`` refuses work the process must not take (draining), ``route`` picks the pool and an ordered
-list of endpoints, ``relay`` runs the attempts and streams the answer, and ``settle`` records metrics
-and the access-log line exactly once, whatever happened.
+``begin`` names the request (x-request-id), ``auth`` finds the API key's record, ``decode`` reads
+only the fields routing needs (and refuses media URLs engines must not fetch), ``admit`` refuses work
+the process or the key must not take (draining, model not allowed, per-key rate limits), ``route``
+picks the pool and an ordered list of endpoints (waiting in the pool's queue if all are full),
+``relay`` runs the attempts and streams the answer, and ``settle`` returns the key's slot, reconciles
+its tokens with the real usage, and records metrics and the access-log line exactly once, whatever
+happened.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import time
 
 import orjson
 
-from gateway import affinity, protocol
+from gateway import affinity, limits, protocol
 from gateway.admission import Admission
+from gateway.auth import KeyRecord, KeyStore
 from gateway.errors import GatewayError
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
@@ -37,8 +41,12 @@ class Lifecycle:
 
 
 class Handlers:
-    def __init__(self, router: Router, admission: Admission, relay: Relay, metrics: Metrics,
-                 access_log: AccessLog, lifecycle: Lifecycle, models: list[str], public_metrics: bool):
+    def __init__(self, keys: KeyStore, limiter: limits.Limiter, router: Router, admission: Admission,
+                 relay: Relay, metrics: Metrics, access_log: AccessLog, lifecycle: Lifecycle, models: list[str],
+                 public_metrics: bool, media_hosts: frozenset[str]):
+        self.keys = keys
+        self.limiter = limiter
+        self.media_hosts = media_hosts
         self.router = router
         self.max_prefix_chars = router.routing.max_prefix_chars
         self.admission = admission
@@ -56,9 +64,12 @@ class Handlers:
     async def chat_completions(self, request: Request, conn: Connection) -> None:
         call = self._begin(request, "chat")
         try:
+            key = self.keys.authenticate(request.header(b"authorization"))
             decoded = protocol.decode_chat(request.body)
-            self._admit(call)
-            await self._route(call, request, decoded, affinity.chat_text(decoded.messages, self.max_prefix_chars))
+            protocol.check_media(decoded, self.media_hosts)
+            self._admit(call, key, decoded)
+            await self._route(call, request, key, decoded,
+                              affinity.chat_text(decoded.messages, self.max_prefix_chars))
             await self.relay.serve(call, conn)
         except GatewayError as e:
             call.status = e.kind.status
@@ -69,9 +80,10 @@ class Handlers:
     async def completions(self, request: Request, conn: Connection) -> None:
         call = self._begin(request, "completions")
         try:
+            key = self.keys.authenticate(request.header(b"authorization"))
             decoded = protocol.decode_completion(request.body)
-            self._admit(call)
-            await self._route(call, request, decoded, protocol.completion_text(decoded.prompt))
+            self._admit(call, key, decoded)
+            await self._route(call, request, key, decoded, protocol.completion_text(decoded.prompt))
             await self.relay.serve(call, conn)
         except GatewayError as e:
             call.status = e.kind.status
@@ -87,21 +99,33 @@ class Handlers:
         call.body = request.body
         return call
 
-    def _admit(self, call: Call) -> None:
+    def _admit(self, call: Call, key: KeyRecord, decoded) -> None:
         if self.lifecycle.draining:
             raise GatewayError("draining", "the gateway is shutting down; retry on another replica")
-
-    async def _route(self, call: Call, request: Request, decoded, text: str) -> None:
-        """Pool and ordered candidates; waits in the pool's queue when every candidate is full."""
+        call.key_id = key.key_id
         call.model = decoded.model
         call.stream = decoded.stream
-        workload = BATCH if (request.header(b"x-workload-class") == b"batch"
-                             or decoded.service_tier == "flex") else INTERACTIVE
+        key.check_model(decoded.model)
+        estimate = limits.estimate_tokens(len(call.body), decoded.max_completion_tokens or decoded.max_tokens)
+        call.quota = self.limiter.admit(key, estimate, time.monotonic())
+
+    async def _route(self, call: Call, request: Request, key: KeyRecord, decoded, text: str) -> None:
+        """Pool and ordered candidates; waits in the pool's queue when every candidate is full."""
+        header = request.header(b"x-workload-class")
+        if header is not None:
+            workload = BATCH if header == b"batch" else INTERACTIVE
+        else:
+            workload = BATCH if decoded.service_tier == "flex" else key.default_class
         await self.admission.place(call, lambda: self.router.route(call, request.headers, decoded, text, workload))
         call.forward_headers = forward_headers(request.headers)
 
     def _settle(self, call: Call) -> None:
-        """Record the request once: metrics and one access-log line (never prompt text or keys)."""
+        """Record the request once: the key's slot and tokens, metrics, and one access-log line
+        (never prompt text or keys)."""
+        usage = call.usage()
+        if call.quota is not None:
+            used = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0) if usage else None
+            self.limiter.settle(call.quota, used, time.monotonic())
         m = self.metrics
         pool = call.pool.name if call.pool is not None else ""
         endpoint = call.endpoint.id if call.endpoint is not None else ""
@@ -120,14 +144,14 @@ class Handlers:
             m.child(m.itl, call.model, pool).observe(itl)
         if call.outcome == "client_gone":
             m.child(m.client_disconnects, call.route).inc()
-        usage = call.usage()
         for kind, key in (("prompt", "prompt_tokens"), ("cached", "cached_tokens"),
                           ("completion", "completion_tokens")):
             if key in usage:
                 m.child(m.tokens, call.model, pool, kind).inc(usage[key])
         if self.access_log.enabled:
             self.access_log.write({
-                "ts": round(time.time(), 3), "request_id": call.request_id.decode(), "route": call.route,
+                "ts": round(time.time(), 3), "request_id": call.request_id.decode(), "key_id": call.key_id,
+                "route": call.route,
                 "model": call.model, "pool": pool, "endpoint": endpoint, "branch": call.branch,
                 "status": status, "outcome": call.outcome, "stream": call.stream, "attempts": call.attempts,
                 "ttft_ms": round(ttft * 1000, 2) if ttft is not None else None,

@@ -1,7 +1,7 @@
 """Issue API keys: ``python -m gateway.keys new --id team-a --rpm 60 --tpm 20000 --concurrency 8``.
 
-``new`` prints the key once, on the first line of stdout, then the ``[[keys]]`` entry to append to the
-keys file (or, with ``--append FILE``, appends it there itself). Only the entry's digest reaches the
+``new`` prints the key once, on the first line of stdout, then the line to append to the keys file
+(or, with ``--append FILE``, appends it there itself). Only the entry's digest reaches the
 file, so the key exists nowhere else afterwards: hand it to its owner and let it scroll away.
 The digest needs the gateway's pepper, read from the environment variable the gateway reads
 (``EDGE_GATEWAY_KEY_PEPPER`` unless ``--pepper-env`` names another); ``pepper`` prints a fresh one.
@@ -58,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     print(key)
     if args.append:
         with open(args.append, "a") as f:
-            f.write("\n" + entry)
-        print(f"# entry for {record.key_id} appended to {args.append}; reload the gateway's keys", file=sys.stderr)
+            f.write(entry)
+        print(f"# entry for {record.key_id} appended to {args.append}; reload the gateway's keys",
+              file=sys.stderr)
     else:
-        print("\n# append to the keys file, then reload the gateway's keys:\n" + entry, end="")
+        print("# append this line to the keys file, then reload the gateway's keys:\n" + entry, end="")
     return 0
 
 

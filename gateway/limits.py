@@ -54,7 +54,7 @@ def estimate_tokens(prompt_bytes: int, max_tokens: int | None,
 class TokenBucket:
     """A lazily refilled bucket of ``capacity`` units gaining ``rate`` units per second."""
 
-    __slots__ = ("rate", "capacity", "level", "stamp")
+    __slots__ = ("capacity", "level", "rate", "stamp")
 
     def __init__(self, per_minute: int, capacity: int, now: float):
         self.rate = per_minute / 60.0
@@ -91,7 +91,7 @@ class TokenBucket:
 
 
 class _KeyState:
-    __slots__ = ("record", "requests", "tokens", "in_flight")
+    __slots__ = ("in_flight", "record", "requests", "tokens")
 
     def __init__(self, record: KeyRecord, now: float):
         self.record = record
@@ -126,7 +126,7 @@ def _reshape(bucket: TokenBucket | None, per_minute: int | None, burst: int | No
 class Admission:
     """A request let in: holds one concurrency slot and the tokens charged for it until settled."""
 
-    __slots__ = ("key_id", "charged_tokens", "_state", "_open")
+    __slots__ = ("_open", "_state", "charged_tokens", "key_id")
 
     def __init__(self, state: _KeyState, charged_tokens: float):
         self.key_id = state.record.key_id
@@ -172,28 +172,14 @@ class Limiter:
         elif state.record is not record:
             state.follow(record, now)
 
-        wait = 0.0
-        blocked: list[str] = []
-        if record.concurrency is not None and state.in_flight >= record.concurrency:
-            wait = CONCURRENCY_RETRY_S
-            blocked.append(f"concurrent requests (limit {record.concurrency})")
         requests, tokens = state.requests, state.tokens
-        if requests is not None and requests.refill(now) < 1.0:
-            wait = max(wait, requests.wait_for(1.0))
-            blocked.append(f"requests per minute (limit {record.rpm})")
-        need = 0.0
-        if tokens is not None:
-            need = min(float(estimated_tokens), tokens.capacity)
-            if tokens.refill(now) < need:
-                wait = max(wait, tokens.wait_for(need))
-                blocked.append(f"tokens per minute (limit {record.tpm}, this request ~{estimated_tokens})")
-        if blocked:
-            raise RateLimited(f"Rate limit reached for key {record.key_id} on {' and '.join(blocked)}. "
-                              f"Retry in {wait:.3f} s.", wait, rate_limit_headers(state, now))
-
+        if ((record.concurrency is not None and state.in_flight >= record.concurrency)
+                or (requests is not None and requests.refill(now) < 1.0)
+                or (tokens is not None and tokens.refill(now) < min(estimated_tokens, tokens.capacity))):
+            raise _refusal(state, estimated_tokens, now)
         if requests is not None:
             requests.take(1.0)
-        charged = tokens.take(float(estimated_tokens)) if tokens is not None else 0.0
+        charged = tokens.take(estimated_tokens) if tokens is not None else 0.0
         state.in_flight += 1
         return Admission(state, charged)
 
@@ -224,6 +210,26 @@ class Limiter:
 
     def __len__(self) -> int:
         return len(self._states)
+
+
+def _refusal(state: _KeyState, estimated_tokens: int, now: float) -> RateLimited:
+    """The 429 for a request some limit of ``state`` blocks: every blocking limit named, and the wait
+    until all of them would let it in."""
+    record, requests, tokens = state.record, state.requests, state.tokens
+    waits: list[float] = []
+    blocked: list[str] = []
+    if record.concurrency is not None and state.in_flight >= record.concurrency:
+        waits.append(CONCURRENCY_RETRY_S)
+        blocked.append(f"concurrent requests (limit {record.concurrency})")
+    if requests is not None and requests.refill(now) < 1.0:
+        waits.append(requests.wait_for(1.0))
+        blocked.append(f"requests per minute (limit {record.rpm})")
+    if tokens is not None and tokens.refill(now) < min(estimated_tokens, tokens.capacity):
+        waits.append(tokens.wait_for(min(estimated_tokens, tokens.capacity)))
+        blocked.append(f"tokens per minute (limit {record.tpm}, this request ~{estimated_tokens})")
+    wait = max(waits)
+    return RateLimited(f"Rate limit reached for key {record.key_id} on {' and '.join(blocked)}. "
+                       f"Retry in {wait:.3f} s.", wait, rate_limit_headers(state, now))
 
 
 def rate_limit_headers(state: _KeyState, now: float) -> list[tuple[bytes, bytes]]:

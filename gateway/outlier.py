@@ -67,6 +67,21 @@ class OutlierDetector:
         self.on_eject(ep, seconds)
         self._update_panic(pool, now)
 
+    def eject(self, ep: Endpoint, now: float, seconds: float) -> None:
+        """An operator's ejection (admin API): not capped, not counted towards the multiplier."""
+        ep.ejected_until = now + seconds
+        ep.refresh()
+        self._update_panic(self.pools[ep.pool], now)
+
+    def restore(self, ep: Endpoint, now: float) -> None:
+        """An operator ends an ejection: the replica rejoins through slow start."""
+        if ep.ejected_until:
+            ep.ejected_until = 0.0
+            ep.refresh()
+            self._failures[ep.id] = 0
+            self.returned(ep, now)
+        self._update_panic(self.pools[ep.pool], now)
+
     def returned(self, ep: Endpoint, now: float) -> None:
         """The replica is back in rotation (health passed after failing, or ejection ended)."""
         if self.config.slow_start_s > 0:

@@ -7,11 +7,20 @@ reaches the engine untouched, because the engine receives the client's exact byt
 
 from __future__ import annotations
 
+import ipaddress
 import re
+from typing import Annotated
+from urllib.parse import urlsplit
 
 import msgspec
 
 from gateway.errors import GatewayError
+
+# Size caps on what is decoded; the body limit (limits.max_body_bytes) bounds everything else, and
+# JSON nested deeper than msgspec's recursion limit (about 1,000 levels) is refused as a 400.
+MAX_MESSAGES = 10000
+MAX_PARTS = 1000
+URL_PARTS = ("image_url", "video_url", "audio_url")
 
 
 class ImageUrl(msgspec.Struct):
@@ -21,12 +30,16 @@ class ImageUrl(msgspec.Struct):
 class ContentPart(msgspec.Struct):
     type: str = "text"
     text: str | None = None
+    # URL-bearing parts: engines fetch these (vLLM's MediaConnector, SGLang's loaders), so the gateway
+    # decides which URLs may reach them (see check_media).
     image_url: ImageUrl | None = None
+    video_url: ImageUrl | None = None
+    audio_url: ImageUrl | None = None
 
 
 class Message(msgspec.Struct):
     role: str
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], msgspec.Meta(max_length=MAX_PARTS)] | None = None
 
 
 class StreamOptions(msgspec.Struct):
@@ -38,6 +51,8 @@ class _Generation(msgspec.Struct, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     service_tier: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     # Fields a deployment may name as session keys (routing.session_fields).
     user: str | None = None
     session_id: str | None = None
@@ -46,7 +61,7 @@ class _Generation(msgspec.Struct, kw_only=True):
 
 
 class ChatRequest(_Generation, kw_only=True):
-    messages: list[Message]
+    messages: Annotated[list[Message], msgspec.Meta(max_length=MAX_MESSAGES)]
 
 
 class CompletionRequest(_Generation, kw_only=True):
@@ -80,6 +95,48 @@ def _decode(decoder: msgspec.json.Decoder, body: bytes):
         raise GatewayError("invalid_request", text, param) from None
     except msgspec.DecodeError as e:
         raise GatewayError("invalid_json", f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise GatewayError("invalid_json", "request body is nested too deeply") from None
+
+
+def check_media(request: ChatRequest, allowed_hosts: frozenset[str]) -> None:
+    """Only ``data:`` URIs, or https URLs to an allow-listed host name, may reach an engine.
+
+    Engines fetch media URLs themselves (CVE-2025-6242; vLLM and SGLang follow redirects and reach
+    private addresses by default), so a client must not be able to point them at the cluster's
+    insides: IP literals, ``localhost``, other schemes (``file:``, ``http:``) and unlisted hosts are
+    refused with 400 naming the field.
+    """
+    for i, message in enumerate(request.messages):
+        if not isinstance(message.content, list):
+            continue
+        for j, part in enumerate(message.content):
+            for field in URL_PARTS:
+                media = getattr(part, field)
+                if media is not None and not _media_url_allowed(media.url, allowed_hosts):
+                    raise GatewayError(
+                        "invalid_request",
+                        f"{field} must be a data: URI or an https URL on an allowed host",
+                        f"messages[{i}].content[{j}].{field}.url")
+
+
+def _media_url_allowed(url: str, allowed_hosts: frozenset[str]) -> bool:
+    if url.startswith("data:"):
+        return True
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    host = (parts.hostname or "").rstrip(".").lower()
+    if parts.scheme != "https" or not host or parts.username or parts.password or port not in (None, 443):
+        return False
+    try:
+        ipaddress.ip_address(host)
+        return False
+    except ValueError:
+        pass
+    return host in allowed_hosts or any(host.endswith("." + h) for h in allowed_hosts)
 
 
 def completion_text(prompt: str | list) -> str:

@@ -44,7 +44,7 @@ class Call:
     __slots__ = ("route", "path", "request_id", "model", "stream", "body", "forward_headers", "received_at",
                  "pool", "candidates", "branch", "matched_blocks", "endpoint", "status", "attempts",
                  "written_at", "first_byte_at", "done_at", "events", "last_event_at", "usage_tail",
-                 "outcome", "keys", "workload")
+                 "outcome", "keys", "workload", "key_id", "quota")
 
     def __init__(self, route: str, path: bytes, request_id: bytes, received_at: float):
         self.route = route
@@ -61,6 +61,8 @@ class Call:
         self.matched_blocks = 0
         self.keys = None
         self.workload = "interactive"
+        self.key_id = ""
+        self.quota = None  # limits.Admission while the key's slot and tokens are held
         self.endpoint: Endpoint | None = None
         self.status = 0
         self.attempts = 0

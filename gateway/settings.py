@@ -88,6 +88,9 @@ class Limits(_Section):
     upstream_idle_per_endpoint: int = 256
     # Attempts per request (first try + retries on other endpoints, before commit only).
     max_attempts: int = 2
+    # Host names (and their subdomains) whose https media URLs may reach the engines; data: URIs
+    # are always allowed. Empty: data: URIs only.
+    media_url_allowlist: list[str] = msgspec.field(default_factory=list)
 
 
 class Routing(_Section):
@@ -155,6 +158,14 @@ class RetryBudget(_Section):
     cap: float = 10.0
 
 
+class Auth(_Section):
+    # TOML keys file of HMAC-SHA256 digests (see gateway/auth.py, `python -m gateway.keys`).
+    # None: authentication is off and the network is the only guard.
+    keys_file: str | None = None
+    # Environment variable holding the server-side pepper of the digests (never in a file).
+    pepper_env: str = "EDGE_GATEWAY_KEY_PEPPER"
+
+
 class Logging(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
@@ -172,6 +183,7 @@ class Settings(_Section):
     outlier: Outlier = msgspec.field(default_factory=Outlier)
     admission: Admission = msgspec.field(default_factory=Admission)
     retry_budget: RetryBudget = msgspec.field(default_factory=RetryBudget)
+    auth: Auth = msgspec.field(default_factory=Auth)
     logging: Logging = msgspec.field(default_factory=Logging)
     pools: list[Pool] = msgspec.field(default_factory=list)
 

@@ -45,3 +45,49 @@ def test_malformed_json_is_invalid_json(body):
 ])
 def test_completion_prompt_forms_have_a_canonical_text(prompt, text):
     assert protocol.completion_text(prompt) == text
+
+
+def chat_with_image(url: str) -> protocol.ChatRequest:
+    return protocol.decode_chat(
+        b'{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"look"},'
+        b'{"type":"image_url","image_url":{"url":"%s"}}]}]}' % url.encode())
+
+
+@pytest.mark.parametrize("url", [
+    "http://169.254.169.254/latest/meta-data/",
+    "http://localhost:8080/x.png",
+    "https://localhost/x.png",
+    "file:///etc/passwd",
+    "http://[::1]/x.png",
+    "https://[::1]/x.png",
+    "https://10.0.0.7/x.png",
+    "https://images.example.com.evil.net/x.png",
+    "https://user:pw@images.example.com/x.png",
+    "https://images.example.com:8443/x.png",
+    "gopher://images.example.com/",
+])
+def test_media_urls_outside_the_allow_list_are_400_naming_the_field(url):
+    with pytest.raises(GatewayError) as e:
+        protocol.check_media(chat_with_image(url), frozenset({"images.example.com"}))
+    assert e.value.kind.status == 400
+    assert e.value.param == "messages[0].content[1].image_url.url"
+
+
+@pytest.mark.parametrize("url", ["data:image/png;base64,iVBORw0KGgo=", "https://images.example.com/cat.png",
+                                 "https://cdn.images.example.com/cat.png"])
+def test_data_uris_and_allow_listed_https_hosts_pass(url):
+    protocol.check_media(chat_with_image(url), frozenset({"images.example.com"}))
+
+
+def test_json_nested_too_deeply_is_400_not_a_crash():
+    body = b'{"model":"m","messages":[],"x":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    with pytest.raises(GatewayError) as e:
+        protocol.decode_chat(body)
+    assert e.value.kind.status == 400
+
+
+def test_too_many_messages_is_400_naming_messages():
+    body = b'{"model":"m","messages":[' + b",".join([b'{"role":"user","content":"x"}'] * 10001) + b"]}"
+    with pytest.raises(GatewayError) as e:
+        protocol.decode_chat(body)
+    assert e.value.param == "messages"
