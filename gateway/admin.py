@@ -19,7 +19,7 @@ from aiohttp import web
 from gateway.auth import KeyFileError, KeyStore
 from gateway.errors import GatewayError
 from gateway.handlers import Lifecycle, readiness
-from gateway.metrics import Metrics
+from gateway.ledger import Ledger
 from gateway.outlier import OutlierDetector
 from gateway.pool import Pool
 from gateway.router import Router
@@ -28,7 +28,7 @@ from gateway.settings import Settings
 audit = logging.getLogger("gateway.audit")
 
 
-def admin_app(*, pools: list[Pool], router: Router, lifecycle: Lifecycle, metrics: Metrics,
+def admin_app(*, pools: list[Pool], router: Router, lifecycle: Lifecycle, ledger: Ledger,
               outlier: OutlierDetector, keys: KeyStore, request_drain: Callable[[], None]) -> web.Application:
     endpoints_by_id = {(p.name, e.id): e for p in pools for e in p.endpoints}
 
@@ -55,7 +55,7 @@ def admin_app(*, pools: list[Pool], router: Router, lifecycle: Lifecycle, metric
         return ep
 
     async def metrics_text(request: web.Request) -> web.Response:
-        return web.Response(body=metrics.exposition(),
+        return web.Response(body=ledger.exposition(),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def healthz(request: web.Request) -> web.Response:

@@ -17,6 +17,7 @@ from gateway.errors import GatewayError
 from gateway.admin import admin_app, start_admin
 from gateway.auth import KeyFileError, KeyStore, pepper_from_env
 from gateway.handlers import Handlers, Lifecycle
+from gateway.ledger import Ledger
 from gateway.limits import Limiter
 from gateway.health import HealthChecker
 from gateway.logs import AccessLog
@@ -53,7 +54,8 @@ class Gateway:
         ]
         self.upstream = Upstream(s.timeouts.connect_s, s.limits.upstream_idle_per_endpoint,
                                  self.metrics.upstream_connects.inc)
-        self.router = Router(self.pools, r, self.metrics)
+        self.router = Router(self.pools, r)
+        self.ledger = Ledger(self.metrics, self.access_log, self.pools)
         self.outlier = OutlierDetector(self.pools, s.outlier)
         self.outlier.on_eject = lambda ep, seconds: self.metrics.child(self.metrics.ejections, ep.pool, ep.id).inc()
         self.admission = Admission(self.pools, s.admission, self.metrics)
@@ -64,8 +66,8 @@ class Gateway:
         self.keys = (KeyStore.load(s.auth.keys_file, pepper_from_env(s.auth.pepper_env))
                      if s.auth.keys_file else KeyStore.disabled())
         self.limiter = Limiter()
-        self.handlers = h = Handlers(self.keys, self.limiter, self.router, self.admission, self.relay, self.metrics,
-                                     self.access_log, self.lifecycle, s.models(), s.listen.public_metrics,
+        self.handlers = h = Handlers(self.keys, self.limiter, self.router, self.admission, self.relay, self.ledger,
+                                     self.lifecycle, s.models(), s.listen.public_metrics,
                                      frozenset(h.lower() for h in s.limits.media_url_allowlist))
         self.health = HealthChecker(self.pools, s.health, self.metrics, self.outlier, self.admission)
         self.server = HttpServer(
@@ -85,11 +87,11 @@ class Gateway:
         self.admin_port = 0
 
     async def start(self, reuse_port: bool = False) -> None:
-        self.access_log.start()
+        self.ledger.start()
         await self.health.start()
         self.port = await self.server.start(self.settings.listen.host, self.settings.listen.port, reuse_port)
         if self.serve_admin:
-            app = admin_app(pools=self.pools, router=self.router, lifecycle=self.lifecycle, metrics=self.metrics,
+            app = admin_app(pools=self.pools, router=self.router, lifecycle=self.lifecycle, ledger=self.ledger,
                             outlier=self.outlier, keys=self.keys, request_drain=self.stop_requested.set)
             self._admin_runner, self.admin_port = await start_admin(app, self.settings)
         log.info("gateway listening", extra={"fields": {
@@ -133,4 +135,4 @@ class Gateway:
         self.upstream.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
-        await self.access_log.stop()
+        await self.ledger.stop()

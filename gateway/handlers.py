@@ -23,8 +23,7 @@ from gateway import affinity, limits, protocol
 from gateway.admission import Admission
 from gateway.auth import KeyRecord, KeyStore
 from gateway.errors import GatewayError
-from gateway.logs import AccessLog
-from gateway.metrics import Metrics
+from gateway.ledger import Ledger
 from gateway.relay import Call, Relay, forward_headers
 from gateway.router import BATCH, INTERACTIVE, Router
 from gateway.server import Connection, Request
@@ -42,7 +41,7 @@ class Lifecycle:
 
 class Handlers:
     def __init__(self, keys: KeyStore, limiter: limits.Limiter, router: Router, admission: Admission,
-                 relay: Relay, metrics: Metrics, access_log: AccessLog, lifecycle: Lifecycle, models: list[str],
+                 relay: Relay, ledger: Ledger, lifecycle: Lifecycle, models: list[str],
                  public_metrics: bool, media_hosts: frozenset[str]):
         self.keys = keys
         self.limiter = limiter
@@ -51,8 +50,7 @@ class Handlers:
         self.max_prefix_chars = router.routing.max_prefix_chars
         self.admission = admission
         self.relay = relay
-        self.metrics = metrics
-        self.access_log = access_log
+        self.ledger = ledger
         self.lifecycle = lifecycle
         self.models = models
         self.public_metrics = public_metrics
@@ -120,46 +118,15 @@ class Handlers:
         call.forward_headers = forward_headers(request.headers)
 
     def _settle(self, call: Call) -> None:
-        """Record the request once: the key's slot and tokens, metrics, and one access-log line
-        (never prompt text or keys)."""
-        usage = call.usage()
+        """Exactly once per request: return the key's slot and reconcile its tokens with the real
+        usage, then hand the call to the ledger (metrics and the access-log line, in batches)."""
         if call.quota is not None:
+            usage = call.usage()
             used = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0) if usage else None
             self.limiter.settle(call.quota, used, time.monotonic())
-        m = self.metrics
-        pool = call.pool.name if call.pool is not None else ""
-        endpoint = call.endpoint.id if call.endpoint is not None else ""
-        status = call.status or (499 if call.outcome == "client_gone" else 500)
-        end = call.done_at or time.monotonic()
-        m.child(m.requests, call.route, call.model, pool, endpoint, str(status)).inc()
-        m.child(m.duration, call.route, call.model, pool).observe(end - call.received_at)
-        ttft = call.first_byte_at - call.received_at if call.first_byte_at else None
-        if ttft is not None:
-            m.child(m.ttft, call.route, call.model, pool).observe(ttft)
-        if call.written_at:
-            m.child(m.overhead, "pre_upstream").observe(max(0.0, call.written_at - call.received_at))
-        itl = None
-        if call.stream and call.events > 1:
-            itl = (call.last_event_at - call.first_byte_at) / (call.events - 1)
-            m.child(m.itl, call.model, pool).observe(itl)
-        if call.outcome == "client_gone":
-            m.child(m.client_disconnects, call.route).inc()
-        for kind, key in (("prompt", "prompt_tokens"), ("cached", "cached_tokens"),
-                          ("completion", "completion_tokens")):
-            if key in usage:
-                m.child(m.tokens, call.model, pool, kind).inc(usage[key])
-        if self.access_log.enabled:
-            self.access_log.write({
-                "ts": round(time.time(), 3), "request_id": call.request_id.decode(), "key_id": call.key_id,
-                "route": call.route,
-                "model": call.model, "pool": pool, "endpoint": endpoint, "branch": call.branch,
-                "status": status, "outcome": call.outcome, "stream": call.stream, "attempts": call.attempts,
-                "ttft_ms": round(ttft * 1000, 2) if ttft is not None else None,
-                "itl_ms": round(itl * 1000, 2) if itl is not None else None,
-                "total_ms": round((end - call.received_at) * 1000, 2),
-                "prompt_tokens": usage.get("prompt_tokens"), "cached_tokens": usage.get("cached_tokens"),
-                "completion_tokens": usage.get("completion_tokens"),
-            })
+        if not call.done_at:
+            call.done_at = time.monotonic()
+        self.ledger.add(call)
 
     # -- the rest of the API ------------------------------------------------------------------
 
@@ -176,7 +143,7 @@ class Handlers:
     async def metrics_text(self, request: Request, conn: Connection) -> None:
         if not self.public_metrics:
             raise GatewayError("not_found", "no such path")
-        conn.respond(200, [], self.metrics.exposition(), b"text/plain; version=0.0.4; charset=utf-8")
+        conn.respond(200, [], self.ledger.exposition(), b"text/plain; version=0.0.4; charset=utf-8")
 
     async def not_found(self, request: Request, conn: Connection) -> None:
         raise GatewayError("not_found", f"no such path: {request.path.decode('latin-1')[:200]}")

@@ -19,8 +19,9 @@ under-estimate is charged.
 **Below zero.** Settling may leave the token bucket *below zero*: the key is in debt and waits until
 the refill pays it back, so a key cannot exceed its tokens/min by sending small estimates (no
 ``max_tokens``, or text that packs more than one token into 4 bytes). The debt is floored at minus one
-capacity, which bounds any wait at two minutes of refill; openai-python honours a Retry-After up to
-120 s. Without a usage figure (a stream cut before its usage chunk) the estimate stands.
+capacity, which bounds any wait at twice the time a full bucket takes to refill: two minutes with the
+default burst, which openai-python still honours (it ignores a Retry-After over 120 s). Without a
+usage figure (a stream cut before its usage chunk) the estimate stands.
 
 **Cost.** admit and settle are O(1): a dict lookup by key id and a few float operations, with no
 allocation beyond the :class:`Admission`. Memory is one small state per key seen. A state whose
@@ -28,7 +29,9 @@ buckets have refilled completely and that has nothing in flight is indistinguish
 so :meth:`Limiter.sweep` (run every ``SWEEP_EVERY`` admissions) drops those states exactly, without
 changing any answer.
 
-Time is always passed in as ``now`` (monotonic seconds); this module reads no clock.
+**Scope.** The buckets live in one process: with ``workers = N`` each worker keeps its own, so a key
+may get up to N times its limits. Time is always passed in as ``now`` (monotonic seconds); this module
+reads no clock.
 """
 
 from __future__ import annotations

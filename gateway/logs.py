@@ -1,20 +1,18 @@
 """Structured logs: one JSON access-log line per request, and JSON lines for everything else.
 
-The access log is buffered and flushed a few times a second (or when the buffer fills), so the
-request path pays for one ``orjson.dumps`` and a list append, not a write system call. It never holds
-prompt text or keys: request id, model, pool, endpoint, status, timings and token counts only.
+The access log is buffered; the ledger (``ledger.py``) writes its lines in batches, off the request
+path, and flushes it a few times a second. It never holds prompt text or keys: request id, key id,
+model, pool, endpoint, status, timings and token counts only.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import time
 
 import orjson
 
-FLUSH_INTERVAL_S = 0.25
 FLUSH_BYTES = 64 * 1024
 
 
@@ -24,7 +22,6 @@ class AccessLog:
         self.stream = stream or sys.stdout.buffer
         self._buf: list[bytes] = []
         self._size = 0
-        self._task: asyncio.Task | None = None
 
     def write(self, record: dict) -> None:
         line = orjson.dumps(record) + b"\n"
@@ -44,18 +41,6 @@ class AccessLog:
             except (BrokenPipeError, ValueError):
                 pass  # nobody reads our stdout any more; requests must not fail for it
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._flusher())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self.flush()
-
-    async def _flusher(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_INTERVAL_S)
-            self.flush()
 
 
 class JsonFormatter(logging.Formatter):

@@ -44,7 +44,7 @@ class Call:
     __slots__ = ("route", "path", "request_id", "model", "stream", "body", "forward_headers", "received_at",
                  "pool", "candidates", "branch", "matched_blocks", "endpoint", "status", "attempts",
                  "written_at", "first_byte_at", "done_at", "events", "last_event_at", "usage_tail",
-                 "outcome", "keys", "workload", "key_id", "quota")
+                 "outcome", "keys", "workload", "key_id", "quota", "policy", "upstream_first_at")
 
     def __init__(self, route: str, path: bytes, request_id: bytes, received_at: float):
         self.route = route
@@ -58,6 +58,7 @@ class Call:
         self.pool: Pool | None = None
         self.candidates: list[Endpoint] = []
         self.branch = ""
+        self.policy = ""
         self.matched_blocks = 0
         self.keys = None
         self.workload = "interactive"
@@ -68,6 +69,7 @@ class Call:
         self.attempts = 0
         self.written_at = 0.0  # upstream request written (last attempt)
         self.first_byte_at = 0.0  # first byte sent to the client
+        self.upstream_first_at = 0.0  # first response byte from the engine (streams)
         self.done_at = 0.0
         self.events = 0
         self.last_event_at = 0.0
@@ -135,13 +137,10 @@ class Relay:
             call.attempts += 1
             call.endpoint = endpoint
             endpoint.in_flight += 1
-            gauge = self.metrics.child(self.metrics.in_flight, endpoint.pool, endpoint.id)
-            gauge.inc()
             try:
                 failure = await self._attempt(call, endpoint, conn)
             finally:
                 endpoint.in_flight -= 1
-                gauge.dec()
                 self.on_release(endpoint)
             if failure is None:
                 return
@@ -206,7 +205,7 @@ class Relay:
         call.outcome = "done"
 
     async def _relay_stream(self, call: Call, ex: Exchange, conn: Connection) -> None:
-        upstream_first = ex.last_read
+        call.upstream_first_at = ex.last_read
         first = ex.take()
         check = SseCheck()
         if not check.feed(first):
@@ -216,7 +215,6 @@ class Relay:
         conn.start_stream(200, self._headers(call), first,
                           ex.header(b"content-type") or b"text/event-stream")
         call.first_byte_at = call.last_event_at = time.monotonic()
-        self.metrics.child(self.metrics.overhead, "first_byte").observe(call.first_byte_at - upstream_first)
         call.events = first.count(b"data:")
 
         def sink(data: bytes) -> None:

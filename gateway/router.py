@@ -5,7 +5,7 @@ Interactive traffic (the default) goes to the model's SGLang interactive pool; b
 the interactive pool only while that pool is nearly idle (mean load per endpoint under
 ``routing.batch_borrow_below``); interactive spills to the batch pool only when
 ``routing.interactive_spill`` is on. Every decision, spills included, is counted by pool, policy and
-branch.
+branch (the ledger counts what the call carries).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import time
 
 from gateway import affinity
 from gateway.errors import GatewayError
-from gateway.metrics import Metrics
 from gateway.picker import RouteKeys
 from gateway.pool import Pool
 from gateway.relay import Call
@@ -24,9 +23,8 @@ INTERACTIVE, BATCH = "interactive", "batch"
 
 
 class Router:
-    def __init__(self, pools: list[Pool], routing: Routing, metrics: Metrics):
+    def __init__(self, pools: list[Pool], routing: Routing):
         self.routing = routing
-        self.metrics = metrics
         self.pools = pools
         self.by_model: dict[str, dict[str, list[Pool]]] = {}
         for pool in pools:
@@ -55,11 +53,9 @@ class Router:
         pool.policy.observe(decision.endpoints[0].id, keys, now)
         call.pool = pool
         call.candidates = decision.endpoints
+        call.policy = pool.policy.name
         call.branch = "spill" if spilled else decision.branch
         call.matched_blocks = decision.matched_blocks
-        m = self.metrics
-        m.child(m.decisions, pool.name, pool.policy.name, call.branch).inc()
-        m.child(m.prefix_match, pool.name).observe(decision.matched_blocks)
 
     def _pool(self, pools: dict[str, list[Pool]], workload: str) -> tuple[Pool | None, bool]:
         own, other = (pools[BATCH], pools[INTERACTIVE]) if workload == BATCH else (pools[INTERACTIVE], pools[BATCH])

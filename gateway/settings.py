@@ -159,7 +159,7 @@ class RetryBudget(_Section):
 
 
 class Auth(_Section):
-    # TOML keys file of HMAC-SHA256 digests (see gateway/auth.py, `python -m gateway.keys`).
+    # Keys file (JSON lines) of HMAC-SHA256 digests (see gateway/auth.py, `python -m gateway.keys`).
     # None: authentication is off and the network is the only guard.
     keys_file: str | None = None
     # Environment variable holding the server-side pepper of the digests (never in a file).
