@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
-SGLANG := sglang==0.5.23
+ENGINES := sglang==0.5.23 vllm==0.33.0
 
 .PHONY: run test loadtest bench lint clean
 
@@ -13,12 +13,12 @@ $(VENV)/.runtime: pyproject.toml
 	$(PIP) -e .
 	touch $@
 
-# Test extras, Locust, and just enough of SGLang for its own argument parser to check our launch
-# profiles (engine_nodes/requirements-parser.txt says why each package is there).
+# Test extras, Locust, and just enough of SGLang and vLLM for their own argument parsers to check our
+# launch profiles (engine_nodes/requirements-parser.txt says why each package is there).
 $(VENV)/.test: $(VENV)/.runtime engine_nodes/requirements-parser.txt
 	$(PIP) -e '.[test,load]'
 	$(PIP) -r engine_nodes/requirements-parser.txt
-	$(PIP) --no-deps $(SGLANG)
+	$(PIP) --no-deps $(ENGINES)
 	touch $@
 
 run: $(VENV)/.runtime
