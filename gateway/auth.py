@@ -94,6 +94,11 @@ class KeyRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
 
     __str__ = __repr__
 
+    @property
+    def limited(self) -> bool:
+        """Whether any per-key limit applies; an unlimited key skips the limiter entirely."""
+        return self.rpm is not None or self.tpm is not None or self.concurrency is not None
+
     def check_model(self, model: str) -> None:
         """Refuse a model this key may not use with the very answer an unknown model gets
         (see ``router.py``), so a key cannot probe which models exist."""

@@ -104,8 +104,9 @@ class Handlers:
         call.model = decoded.model
         call.stream = decoded.stream
         key.check_model(decoded.model)
-        estimate = limits.estimate_tokens(len(call.body), decoded.max_completion_tokens or decoded.max_tokens)
-        call.quota = self.limiter.admit(key, estimate, time.monotonic())
+        if key.limited:
+            estimate = limits.estimate_tokens(len(call.body), decoded.max_completion_tokens or decoded.max_tokens)
+            call.quota = self.limiter.admit(key, estimate, time.monotonic())
 
     async def _route(self, call: Call, request: Request, key: KeyRecord, decoded, text: str) -> None:
         """Pool and ordered candidates; waits in the pool's queue when every candidate is full."""
@@ -114,7 +115,7 @@ class Handlers:
             workload = BATCH if header == b"batch" else INTERACTIVE
         else:
             workload = BATCH if decoded.service_tier == "flex" else key.default_class
-        await self.admission.place(call, lambda: self.router.route(call, request.headers, decoded, text, workload))
+        await self.admission.place(call, lambda: self.router.route(call, request.header, decoded, text, workload))
         call.forward_headers = forward_headers(request.headers)
 
     def _settle(self, call: Call) -> None:
@@ -122,7 +123,7 @@ class Handlers:
         usage, then hand the call to the ledger (metrics and the access-log line, in batches)."""
         if call.quota is not None:
             usage = call.usage()
-            used = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0) if usage else None
+            used = usage.get(b"prompt_tokens", 0) + usage.get(b"completion_tokens", 0) if usage else None
             self.limiter.settle(call.quota, used, time.monotonic())
         if not call.done_at:
             call.done_at = time.monotonic()

@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import time
 from bisect import bisect_left
-from collections import defaultdict
+from collections import Counter, defaultdict
+from itertools import repeat
 
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
@@ -62,60 +63,110 @@ class Ledger:
 
     def flush(self) -> None:
         calls, self._pending = self._pending, []
+        if calls:
+            self._count(calls)
+            if self.access_log.enabled:
+                self._log(calls)
         m = self.metrics
-        counts: dict[tuple, float] = defaultdict(float)
-        samples: dict[tuple, list[float]] = defaultdict(list)
-        log = self.access_log.enabled
-        wall_offset = time.time() - time.monotonic()
-        for call in calls:
-            pool = call.pool.name if call.pool is not None else ""
-            endpoint = call.endpoint.id if call.endpoint is not None else ""
-            status = str(call.status or (499 if call.outcome == "client_gone" else 500))
-            end = call.done_at
-            counts[(m.requests, call.route, call.model, pool, endpoint, status)] += 1
-            samples[(m.duration, call.route, call.model, pool)].append(end - call.received_at)
-            ttft = call.first_byte_at - call.received_at if call.first_byte_at else None
-            if ttft is not None:
-                samples[(m.ttft, call.route, call.model, pool)].append(ttft)
-            if call.written_at:
-                samples[(m.overhead, "pre_upstream")].append(max(0.0, call.written_at - call.received_at))
-            if call.upstream_first_at and call.stream and call.first_byte_at:
-                samples[(m.overhead, "first_byte")].append(call.first_byte_at - call.upstream_first_at)
-            itl = None
-            if call.stream and call.events > 1:
-                itl = (call.last_event_at - call.first_byte_at) / (call.events - 1)
-                samples[(m.itl, call.model, pool)].append(itl)
-            if call.branch:
-                counts[(m.decisions, pool, call.policy, call.branch)] += 1
-                samples[(m.prefix_match, pool)].append(call.matched_blocks)
-            if call.outcome == "client_gone":
-                counts[(m.client_disconnects, call.route)] += 1
-            usage = call.usage()
-            for kind, key in (("prompt", "prompt_tokens"), ("cached", "cached_tokens"),
-                              ("completion", "completion_tokens")):
-                if key in usage:
-                    counts[(m.tokens, call.model, pool, kind)] += usage[key]
-            if log:
-                self.access_log.write({
-                    "ts": round(wall_offset + end, 3), "request_id": call.request_id.decode(),
-                    "key_id": call.key_id, "route": call.route, "model": call.model, "pool": pool,
-                    "endpoint": endpoint, "branch": call.branch, "status": int(status), "outcome": call.outcome,
-                    "stream": call.stream, "attempts": call.attempts,
-                    "ttft_ms": round(ttft * 1000, 2) if ttft is not None else None,
-                    "itl_ms": round(itl * 1000, 2) if itl is not None else None,
-                    "total_ms": round((end - call.received_at) * 1000, 2),
-                    "prompt_tokens": usage.get("prompt_tokens"), "cached_tokens": usage.get("cached_tokens"),
-                    "completion_tokens": usage.get("completion_tokens"),
-                })
-        for (metric, *labels), n in counts.items():
-            m.child(metric, *labels).inc(n)
-        for (metric, *labels), values in samples.items():
-            observe_many(m.child(metric, *labels), values)
         for pool in self.pools:
             for ep in pool.endpoints:
                 m.child(m.in_flight, pool.name, ep.id).set(ep.in_flight)
-        if log:
-            self.access_log.flush()
+
+    def _count(self, calls: list[Call]) -> None:
+        m = self.metrics
+        groups: dict[tuple[str, str, str], _Group] = {}
+        pre_upstream: list[float] = []
+        first_byte: list[float] = []
+        for call in calls:
+            key = (call.route, call.model, call.pool.name if call.pool is not None else "")
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = _Group()
+            start = call.received_at
+            group.durations.append(call.done_at - start)
+            group.statuses[(call.endpoint.id if call.endpoint is not None else "", _status(call))] += 1
+            if call.first_byte_at:
+                group.ttfts.append(call.first_byte_at - start)
+                if call.stream:
+                    if call.upstream_first_at:
+                        first_byte.append(call.first_byte_at - call.upstream_first_at)
+                    if call.events > 1:
+                        group.itls.append((call.last_event_at - call.first_byte_at) / (call.events - 1))
+            if call.written_at:
+                pre_upstream.append(call.written_at - start)
+            if call.branch:
+                group.decisions[(call.policy, call.branch)] += 1
+                group.blocks.append(call.matched_blocks)
+            if call.outcome == "client_gone":
+                group.disconnects += 1
+            if call.usage_tail:
+                for name, n in call.usage().items():
+                    group.tokens[name] += n
+        for (route, model, pool), g in groups.items():
+            for (endpoint, status), n in g.statuses.items():
+                m.child(m.requests, route, model, pool, endpoint, str(status)).inc(n)
+            observe_many(m.child(m.duration, route, model, pool), g.durations)
+            if g.ttfts:
+                observe_many(m.child(m.ttft, route, model, pool), g.ttfts)
+            if g.itls:
+                observe_many(m.child(m.itl, model, pool), g.itls)
+            for (policy, branch), n in g.decisions.items():
+                m.child(m.decisions, pool, policy, branch).inc(n)
+            if g.blocks:
+                observe_many(m.child(m.prefix_match, pool), g.blocks)
+            if g.disconnects:
+                m.child(m.client_disconnects, route).inc(g.disconnects)
+            for name, n in g.tokens.items():
+                m.child(m.tokens, model, pool, _TOKEN_KINDS[name]).inc(n)
+        if pre_upstream:
+            observe_many(m.child(m.overhead, "pre_upstream"), pre_upstream)
+        if first_byte:
+            observe_many(m.child(m.overhead, "first_byte"), first_byte)
+
+    def _log(self, calls: list[Call]) -> None:
+        wall_offset = time.time() - time.monotonic()
+        write = self.access_log.write
+        for call in calls:
+            start, ttft, itl = call.received_at, None, None
+            if call.first_byte_at:
+                ttft = round((call.first_byte_at - start) * 1000, 2)
+                if call.stream and call.events > 1:
+                    itl = round((call.last_event_at - call.first_byte_at) / (call.events - 1) * 1000, 2)
+            usage = call.usage()
+            write({
+                "ts": round(wall_offset + call.done_at, 3), "request_id": call.request_id.decode(),
+                "key_id": call.key_id, "route": call.route, "model": call.model,
+                "pool": call.pool.name if call.pool is not None else "",
+                "endpoint": call.endpoint.id if call.endpoint is not None else "", "branch": call.branch,
+                "status": _status(call), "outcome": call.outcome, "stream": call.stream, "attempts": call.attempts,
+                "ttft_ms": ttft, "itl_ms": itl, "total_ms": round((call.done_at - start) * 1000, 2),
+                "prompt_tokens": usage.get(b"prompt_tokens"), "cached_tokens": usage.get(b"cached_tokens"),
+                "completion_tokens": usage.get(b"completion_tokens"),
+            })
+        self.access_log.flush()
+
+
+_TOKEN_KINDS = {b"prompt_tokens": "prompt", b"cached_tokens": "cached", b"completion_tokens": "completion"}
+
+
+def _status(call: Call) -> int:
+    return call.status or (499 if call.outcome == "client_gone" else 500)
+
+
+class _Group:
+    """One flush's calls of one (route, model, pool)."""
+
+    __slots__ = ("blocks", "decisions", "disconnects", "durations", "itls", "statuses", "tokens", "ttfts")
+
+    def __init__(self) -> None:
+        self.durations: list[float] = []
+        self.ttfts: list[float] = []
+        self.itls: list[float] = []
+        self.blocks: list[float] = []
+        self.statuses: defaultdict[tuple[str, int], int] = defaultdict(int)
+        self.decisions: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.tokens: defaultdict[bytes, int] = defaultdict(int)
+        self.disconnects = 0
 
 
 def observe_many(histogram_child, values: list[float]) -> None:
@@ -126,9 +177,7 @@ def observe_many(histogram_child, values: list[float]) -> None:
     tests/unit/test_ledger.py checks the exposition equals that of plain ``observe`` calls.
     """
     bounds = histogram_child._upper_bounds
-    per_bucket: dict[int, int] = defaultdict(int)
-    for v in values:
-        per_bucket[bisect_left(bounds, v)] += 1
+    per_bucket = Counter(map(bisect_left, repeat(bounds, len(values)), values))
     histogram_child._sum.inc(sum(values))
     buckets = histogram_child._buckets
     for i, n in per_bucket.items():

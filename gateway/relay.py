@@ -36,48 +36,54 @@ _NOT_FORWARDED = frozenset({
     b"x-request-id", b"expect", b"cookie",
 })
 _USAGE = re.compile(rb'"(prompt_tokens|completion_tokens|cached_tokens)"\s*:\s*(\d+)')
+_NO_USAGE: dict[bytes, int] = {}
 
 
 class Call:
-    """Everything one request carries from decode to settle."""
+    """Everything one request carries from decode to settle.
 
-    __slots__ = ("route", "path", "request_id", "model", "stream", "body", "forward_headers", "received_at",
-                 "pool", "candidates", "branch", "matched_blocks", "endpoint", "status", "attempts",
-                 "written_at", "first_byte_at", "done_at", "events", "last_event_at", "usage_tail",
-                 "outcome", "keys", "workload", "key_id", "quota", "policy", "upstream_first_at")
+    Fields are class-level defaults, so a new call sets only what differs: a request touches a
+    few of them, and assigning all thirty per request would cost more than the routing itself.
+    """
+
+    model = ""
+    stream = False
+    body = b""
+    forward_headers = b""
+    pool: Pool | None = None
+    candidates: list[Endpoint] = []
+    workload = "interactive"
+    policy = ""
+    branch = ""  # the routing decision, a metric label
+    matched_blocks = 0
+    key_id = ""
+    quota = None  # limits.Admission while the key's slot and tokens are held
+    endpoint: Endpoint | None = None  # of the last attempt
+    status = 0
+    attempts = 0
+    written_at = 0.0  # upstream request written (last attempt)
+    upstream_first_at = 0.0  # first response byte from the engine (streams)
+    first_byte_at = 0.0  # first byte sent to the client
+    done_at = 0.0
+    events = 0
+    last_event_at = 0.0
+    usage_tail = b""
+    outcome = "pending"  # pending | done | aborted | client_gone
 
     def __init__(self, route: str, path: bytes, request_id: bytes, received_at: float):
         self.route = route
         self.path = path
         self.request_id = request_id
         self.received_at = received_at
-        self.model = ""
-        self.stream = False
-        self.body = b""
-        self.forward_headers = b""
-        self.pool: Pool | None = None
-        self.candidates: list[Endpoint] = []
-        self.branch = ""
-        self.policy = ""
-        self.matched_blocks = 0
-        self.keys = None
-        self.workload = "interactive"
-        self.key_id = ""
-        self.quota = None  # limits.Admission while the key's slot and tokens are held
-        self.endpoint: Endpoint | None = None
-        self.status = 0
-        self.attempts = 0
-        self.written_at = 0.0  # upstream request written (last attempt)
-        self.first_byte_at = 0.0  # first byte sent to the client
-        self.upstream_first_at = 0.0  # first response byte from the engine (streams)
-        self.done_at = 0.0
-        self.events = 0
-        self.last_event_at = 0.0
-        self.usage_tail = b""
-        self.outcome = "pending"  # pending | done | aborted | client_gone
 
-    def usage(self) -> dict[str, int]:
-        return {k.decode(): int(v) for k, v in _USAGE.findall(self.usage_tail)} if self.usage_tail else {}
+    def usage(self) -> dict[bytes, int]:
+        """Token counts from the engine's usage object, keyed by field name (parsed once)."""
+        if not self.usage_tail:
+            return _NO_USAGE
+        usage = self.__dict__.get("_usage")
+        if usage is None:
+            usage = self._usage = {k: int(v) for k, v in _USAGE.findall(self.usage_tail)}
+        return usage
 
 
 def forward_headers(headers: list[tuple[bytes, bytes]]) -> bytes:

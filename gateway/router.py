@@ -33,7 +33,7 @@ class Router:
         self.session_headers = [h.lower().encode() for h in routing.session_headers]
         self.session_fields = list(routing.session_fields)
 
-    def route(self, call: Call, headers: list[tuple[bytes, bytes]], decoded, text: str, workload: str) -> None:
+    def route(self, call: Call, header, decoded, text: str, workload: str) -> None:
         """Fill ``call.pool`` and ``call.candidates`` (first = choice, rest = retry fallbacks)."""
         pools = self.by_model.get(call.model)
         if pools is None:
@@ -45,7 +45,7 @@ class Router:
         r = self.routing
         keys = RouteKeys(
             prefix=affinity.prefix_hashes(call.model, text, r.block_chars, r.max_prefix_chars),
-            session=self._session(headers, decoded))
+            session=self._session(header, decoded))
         now = time.monotonic()
         decision = pool.policy.pick(pool.endpoints, keys, now)
         if not decision.endpoints:
@@ -71,9 +71,11 @@ class Router:
                 return pool, bool(own)
         return None, False
 
-    def _session(self, headers: list[tuple[bytes, bytes]], decoded) -> int | None:
-        for name, value in headers:
-            if value and name in self.session_headers:
+    def _session(self, header, decoded) -> int | None:
+        """``header(name)`` gives a request header's value; the first session source present wins."""
+        for name in self.session_headers:
+            value = header(name)
+            if value:
                 return affinity.key_hash(value.decode("latin-1"))
         for field in self.session_fields:
             value = getattr(decoded, field, None)

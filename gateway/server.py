@@ -36,23 +36,19 @@ HIGH_WATER = 256 * 1024
 
 
 class Request:
-    __slots__ = ("method", "path", "headers", "body", "keep_alive", "received_at", "peer")
+    __slots__ = ("method", "path", "headers", "header", "body", "keep_alive", "received_at", "peer")
 
     def __init__(self, method: bytes, path: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
                  keep_alive: bool, received_at: float, peer: str):
         self.method = method
         self.path = path
         self.headers = headers  # names lower-cased, in arrival order
+        # header(name) -> value or None; a repeated header keeps its last value.
+        self.header = dict(headers).get
         self.body = body
         self.keep_alive = keep_alive
         self.received_at = received_at  # monotonic time when the last byte arrived
         self.peer = peer
-
-    def header(self, name: bytes) -> bytes | None:
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return None
 
 
 Handler = Callable[[Request, "Connection"], Awaitable[None]]
@@ -123,7 +119,7 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "server", "transport", "parser", "peer", "task", "queue", "reading_since", "idle_since",
-        "_url", "_headers", "_header_bytes", "_body", "_body_len", "_keep_alive",
+        "_url", "_headers", "_in_head", "_head_bytes", "_body", "_body_len", "_keep_alive",
         "started", "keep_alive", "closed", "on_pause", "on_resume",
     )
 
@@ -147,7 +143,8 @@ class Connection(asyncio.Protocol):
     def _reset_message(self) -> None:
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._header_bytes = 0
+        self._in_head = False  # between the first byte of a request and the end of its head
+        self._head_bytes = 0
         self._body: list[bytes] = []
         self._body_len = 0
         self._keep_alive = True
@@ -174,6 +171,12 @@ class Connection(asyncio.Protocol):
             self.reading_since = time.monotonic()
         try:
             self.parser.feed_data(data)
+            if self._in_head:
+                self._head_bytes += len(data)
+                if self._head_bytes > self.server.limits.max_header_bytes:
+                    raise _Reject(GatewayError("headers_too_large", "request headers too large"))
+        except _Reject as r:
+            self.reject(r.error)
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
             self.reject(cause.error if isinstance(cause, _Reject)
@@ -205,6 +208,7 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._reset_message()
+        self._in_head = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -212,13 +216,18 @@ class Connection(asyncio.Protocol):
             raise _Reject(GatewayError("headers_too_large", "request line too long"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_bytes += len(name) + len(value)
-        limits = self.server.limits
-        if len(self._headers) >= limits.max_headers or self._header_bytes > limits.max_header_bytes:
-            raise _Reject(GatewayError("headers_too_large", "too many or too large request headers"))
-        self._headers.append((name.lower(), value))
+        headers = self._headers
+        if len(headers) >= self.server.limits.max_headers:
+            raise _Reject(GatewayError("headers_too_large", "too many request headers"))
+        headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        # The byte size of the head is checked here, once; data_received bounds a head that is
+        # still arriving, so llhttp never buffers more than the limit.
+        limit = self.server.limits.max_header_bytes
+        if len(self._url) + sum([len(n) + len(v) for n, v in self._headers]) > limit:
+            raise _Reject(GatewayError("headers_too_large", "request headers too large"))
+        self._in_head = False
         self._keep_alive = self.parser.should_keep_alive()
         for name, value in self._headers:
             if name == b"content-length":

@@ -209,7 +209,7 @@ def test_model_outside_the_allowed_list_gets_the_unknown_model_answer_byte_for_b
     call = Call("chat", b"/v1/chat/completions", b"rid", 0.0)
     call.model = "secret-model"
     with pytest.raises(GatewayError) as unknown:
-        Router([], Routing()).route(call, [], None, "", "interactive")
+        Router([], Routing()).route(call, {}.get, None, "", "interactive")
     assert not_allowed.value.kind == unknown.value.kind
     assert not_allowed.value.body() == unknown.value.body()
     assert not_allowed.value.headers() == unknown.value.headers()
