@@ -1,4 +1,4 @@
-"""Thin HTTP handlers. Each generation handler is the same straight line of named steps:
+"""Thin HTTP handlers. Both generation endpoints run one straight line of named steps (``_generate``):
 
     begin -> auth -> decode -> admit -> route -> relay -> settle
 
@@ -60,14 +60,18 @@ class Handlers:
     # -- generation ---------------------------------------------------------------------------
 
     async def chat_completions(self, request: Request, conn: Connection) -> None:
-        call = self._begin(request, "chat")
+        await self._generate(request, conn, "chat", self._decode_chat)
+
+    async def completions(self, request: Request, conn: Connection) -> None:
+        await self._generate(request, conn, "completions", _decode_completion)
+
+    async def _generate(self, request: Request, conn: Connection, route: str, decode) -> None:
+        call = self._begin(request, route)
         try:
             key = self.keys.authenticate(request.header(b"authorization"))
-            decoded = protocol.decode_chat(request.body)
-            protocol.check_media(decoded, self.media_hosts)
+            decoded, text = decode(request.body)
             self._admit(call, key, decoded)
-            await self._route(call, request, key, decoded,
-                              affinity.chat_text(decoded.messages, self.max_prefix_chars))
+            await self._route(call, request, key, decoded, text)
             await self.relay.serve(call, conn)
         except GatewayError as e:
             call.status = e.kind.status
@@ -75,19 +79,11 @@ class Handlers:
         finally:
             self._settle(call)
 
-    async def completions(self, request: Request, conn: Connection) -> None:
-        call = self._begin(request, "completions")
-        try:
-            key = self.keys.authenticate(request.header(b"authorization"))
-            decoded = protocol.decode_completion(request.body)
-            self._admit(call, key, decoded)
-            await self._route(call, request, key, decoded, protocol.completion_text(decoded.prompt))
-            await self.relay.serve(call, conn)
-        except GatewayError as e:
-            call.status = e.kind.status
-            raise
-        finally:
-            self._settle(call)
+    def _decode_chat(self, body: bytes):
+        """The routing fields and the canonical prompt text of a chat request."""
+        decoded = protocol.decode_chat(body)
+        protocol.check_media(decoded, self.media_hosts)
+        return decoded, affinity.chat_text(decoded.messages, self.max_prefix_chars)
 
     def _begin(self, request: Request, route: str) -> Call:
         rid = request.header(b"x-request-id")
@@ -148,6 +144,11 @@ class Handlers:
 
     async def not_found(self, request: Request, conn: Connection) -> None:
         raise GatewayError("not_found", f"no such path: {request.path.decode('latin-1')[:200]}")
+
+
+def _decode_completion(body: bytes):
+    decoded = protocol.decode_completion(body)
+    return decoded, protocol.completion_text(decoded.prompt)
 
 
 def readiness(router: Router, lifecycle: Lifecycle) -> tuple[bool, bytes]:
