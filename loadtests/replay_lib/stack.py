@@ -1,0 +1,257 @@
+"""The processes a replay target runs on loopback: simulator replicas, then one router in front.
+
+Every target gets a fresh simulator process (``python -m engine_nodes sim --replicas N``), so it
+starts with cold caches and zeroed counters, and one router: our gateway (``python -m gateway``,
+config written to a temporary TOML) or ``sglang-router`` (``python -m
+sglang_router.launch_router``), which lives in its own virtualenv (``.venv-replay``) so that its
+dependencies never touch the project's. Each process is started with ``Popen`` and stopped by its
+PID (SIGTERM, then SIGKILL after a grace period), from a ``with`` block, so a failed replay leaves
+nothing behind.
+
+Readiness is checked the way each router reports it: the gateway's admin ``/admin/endpoints``
+listing every endpoint healthy, sglang-router's ``/workers`` listing every worker healthy. Without
+network access sglang-router fails to fetch the model's tokenizer from the Hugging Face hub (it
+ignores ``HF_HUB_OFFLINE``); that is a background step of worker registration that runs after the
+workers are activated, its failure is a logged warning, and HTTP routing works on text without it,
+so readiness never waits for it (startup takes about 2 s here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ROUTER_VENV = ROOT / ".venv-replay"
+ROUTER_PACKAGE = "sglang-router==0.3.2"
+
+
+class StackError(RuntimeError):
+    """A process of the stack failed to start or become ready."""
+
+
+def free_port_block(n: int) -> int:
+    """First of ``n`` consecutive ports free on 127.0.0.1 right now."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        held: list[socket.socket] = []
+        try:
+            for port in range(base, base + n):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise StackError("no block of free ports")
+
+
+def http_json(url: str, timeout: float = 2.0) -> object:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def http_text(url: str, timeout: float = 2.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return resp.read().decode()
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait(ready, proc: subprocess.Popen, what: str, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StackError(f"{what} exited with {proc.returncode}: {_tail(log)}")
+        with contextlib.suppress(OSError, ValueError, urllib.error.URLError):
+            if ready():
+                return
+        time.sleep(0.1)
+    raise StackError(f"{what} not ready after {timeout_s:.0f} s: {_tail(log)}")
+
+
+def _tail(log: Path, chars: int = 1500) -> str:
+    try:
+        return log.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
+
+
+@dataclass(frozen=True)
+class SimSpec:
+    replicas: int
+    speed: float
+    cache_tokens: int
+    model: str = "llama-3.1-8b"
+
+
+@dataclass(frozen=True)
+class Replicas:
+    urls: list[str]
+    pid: int
+
+
+@contextlib.contextmanager
+def simulator(spec: SimSpec, workdir: Path) -> Iterator[Replicas]:
+    base = free_port_block(spec.replicas)
+    log = workdir / f"sim-{base}.log"
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine_nodes",
+        "sim",
+        "--flavor",
+        "sglang",
+        "--model",
+        spec.model,
+        "--port",
+        str(base),
+        "--replicas",
+        str(spec.replicas),
+        "--speed",
+        str(spec.speed),
+        "--cache-tokens",
+        str(spec.cache_tokens),
+    ]
+    with log.open("wb") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        if not line.startswith("READY"):
+            raise StackError(f"simulator failed to start: {line!r} {_tail(log)}")
+        yield Replicas([f"http://127.0.0.1:{p}" for p in line.split()[1:]], proc.pid)
+    finally:
+        _stop(proc)
+
+
+@dataclass(frozen=True)
+class Front:
+    """A router in front of the replicas: where clients send requests, and our gateway's admin
+    metrics (None for sglang-router, whose branch counts the report does not read)."""
+
+    url: str
+    metrics_url: str | None
+    pid: int
+
+
+@contextlib.contextmanager
+def gateway(replicas: Replicas, policy: str, model: str, workdir: Path) -> Iterator[Front]:
+    port, admin = free_port_block(1), free_port_block(1)
+    config = workdir / f"gateway-{port}.toml"
+    endpoints = ", ".join(f'"{u}"' for u in replicas.urls)
+    # Access log off and warnings only: sglang-router runs with --log-level warn as well, so
+    # neither spends the shared CPU on per-request log lines.
+    config.write_text(
+        f'region = "replay"\nworkers = 1\n'
+        f'[listen]\nhost = "127.0.0.1"\nport = {port}\n'
+        f'[admin]\nhost = "127.0.0.1"\nport = {admin}\n'
+        f'[logging]\nlevel = "warning"\naccess_log = false\n'
+        f"[health]\ninterval_s = 0.5\n"
+        f'[[pools]]\nname = "replay"\nengine = "sglang"\nrole = "interactive"\nmodels = ["{model}"]\n'
+        f'endpoints = [{endpoints}]\npolicy = "{policy}"\n'
+    )
+    log = workdir / f"gateway-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--config", str(config)],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        admin_url = f"http://127.0.0.1:{admin}"
+
+        def ready() -> bool:
+            rows = http_json(f"{admin_url}/admin/endpoints")
+            return len(rows) == len(replicas.urls) and all(r["available"] for r in rows)
+
+        _wait(ready, proc, "gateway", log, 30.0)
+        yield Front(f"http://127.0.0.1:{port}", f"{admin_url}/metrics", proc.pid)
+    finally:
+        _stop(proc, grace_s=40.0)
+
+
+def ensure_router_venv(log) -> Path:
+    """The Python of ``.venv-replay`` with sglang-router installed (created on first use)."""
+    python = ROUTER_VENV / "bin" / "python"
+    probe = [str(python), "-c", "import sglang_router.launch_router"]
+    if python.exists() and subprocess.run(probe, capture_output=True, check=False).returncode == 0:
+        return python
+    log(f"installing {ROUTER_PACKAGE} into {ROUTER_VENV} ...")
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(ROUTER_VENV)], check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", ROUTER_PACKAGE], check=True, stdout=subprocess.DEVNULL
+    )
+    if subprocess.run(probe, capture_output=True, check=False).returncode != 0:
+        raise StackError(f"{ROUTER_PACKAGE} installed but sglang_router.launch_router does not import")
+    return python
+
+
+@contextlib.contextmanager
+def sglang_router(python: Path, replicas: Replicas, policy: str, workdir: Path) -> Iterator[Front]:
+    port, prometheus = free_port_block(1), free_port_block(1)
+    log = workdir / f"sglang-router-{port}.log"
+    # Its Prometheus listener is moved off the default port 29000, which another process may hold.
+    cmd = [
+        str(python),
+        "-m",
+        "sglang_router.launch_router",
+        "--worker-urls",
+        *replicas.urls,
+        "--policy",
+        policy,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--prometheus-host",
+        "127.0.0.1",
+        "--prometheus-port",
+        str(prometheus),
+        "--log-level",
+        "warn",
+    ]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            workers = http_json(f"{url}/workers").get("workers", [])
+            return len(workers) == len(replicas.urls) and all(w.get("is_healthy") for w in workers)
+
+        _wait(ready, proc, "sglang-router", log, 60.0)
+        yield Front(url, None, proc.pid)
+    finally:
+        _stop(proc)
+
+
+def scratch_dir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="replay-")
