@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
 ENGINES := sglang==0.5.23 vllm==0.33.0
 
-.PHONY: run test loadtest bench lint clean
+.PHONY: run test loadtest clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ run: $(VENV)/.runtime
 
 test: $(VENV)/.test
 	$(PY) -m pytest
+
+# Two-minute headless Locust run against the `make run` stack (started and stopped around it);
+# prints the KPI table, leaves Locust's CSV/HTML report in loadtest-results/<UTC time>/.
+loadtest: $(VENV)/.test
+	$(PY) -m loadtests.run --config gateway/example.toml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -54,6 +54,7 @@ class Call:
     candidates: list[Endpoint] = []
     workload = "interactive"
     policy = ""
+    keys = None  # picker.RouteKeys: the policy learns where they went, attempt by attempt
     branch = ""  # the routing decision, a metric label
     matched_blocks = 0
     key_id = ""
@@ -142,6 +143,7 @@ class Relay:
                 self.metrics.child(self.metrics.retries, _reason(failure)).inc()
             call.attempts += 1
             call.endpoint = endpoint
+            call.pool.policy.observe(endpoint.id, call.keys, time.monotonic())  # type: ignore[union-attr]
             endpoint.in_flight += 1
             try:
                 failure = await self._attempt(call, endpoint, conn)

@@ -50,7 +50,7 @@ class Router:
         decision = pool.policy.pick(pool.endpoints, keys, now)
         if not decision.endpoints:
             raise GatewayError("no_healthy_upstream", f"no healthy endpoint serves model `{call.model}`")
-        pool.policy.observe(decision.endpoints[0].id, keys, now)
+        call.keys = keys
         call.pool = pool
         call.candidates = decision.endpoints
         call.policy = pool.policy.name

@@ -198,6 +198,14 @@ class Replica:
             return
         self._listener.close()
         self._listener = None
+        # A closed listening socket leaves accepted keep-alive connections open; a refusing engine
+        # must not answer on them either: idle ones close now, busy ones after their response.
+        server = self._runner.server if self._runner else None
+        for handler in server.connections if server is not None else ():
+            if handler._request_in_progress:
+                handler.close()
+            else:
+                handler.force_close()
         if self._runner is not None and self._runner.server is not None:
             for connection in self._runner.server.connections:
                 connection.close()  # idle keep-alive connections close now, busy ones after their request
