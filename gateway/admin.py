@@ -122,7 +122,7 @@ def _authorize(keys: KeyStore, request: web.Request) -> str:
     header = request.headers.get("Authorization")
     record = keys.authenticate(header.encode("latin-1") if header is not None else None)
     record.check_admin()
-    return record.id
+    return record.key_id
 
 
 async def start_admin(app: web.Application, settings: Settings) -> tuple[web.AppRunner, int]:

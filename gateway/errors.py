@@ -39,6 +39,7 @@ KINDS: dict[str, Kind] = {
     "internal_error": Kind(500, "server_error", "internal_error", True),
     "upstream_error": Kind(502, "server_error", "upstream_error", True),
     "no_healthy_upstream": Kind(503, "service_unavailable_error", "no_healthy_upstream", True, 1),
+    "server_busy": Kind(503, "service_unavailable_error", "server_busy", True, 1, close=True),
     "draining": Kind(503, "service_unavailable_error", "draining", True, 1, close=True),
     "upstream_timeout": Kind(504, "server_error", "upstream_timeout", True),
 }
@@ -85,11 +86,15 @@ class GatewayError(Exception):
 
 
 class EngineError(GatewayError):
-    """An engine's own error answer, relayed with its status once retries are exhausted."""
+    """An engine's own error answer, relayed with its status once retries are exhausted.
+
+    A relayed 5xx or 429 says the replicas are out of capacity now, so the client is told a retry
+    can help, after a second; other statuses leave the client's own rule in charge."""
 
     def __init__(self, status: int, body: bytes):
         Exception.__init__(self, f"engine answered {status}")
-        self.kind = Kind(status, "", "", None)
+        busy = status >= 500 or status == 429
+        self.kind = Kind(status, "", "", True if busy else None, 1 if busy else None)
         self.message = str(self)
         self.param = None
         self.retry_after_s = None

@@ -95,6 +95,7 @@ class OutlierDetector:
                 if ep.ejected_until and ep.ejected_until <= now:
                     ep.ejected_until = 0.0
                     ep.refresh()
+                    self._last_decay[ep.id] = now  # the count decays only while it stays in rotation
                     log.info("endpoint ejection ended", extra={"fields": {"endpoint": ep.id, "pool": ep.pool}})
                     self.returned(ep, now)
                 started = self._recovering.get(ep.id)

@@ -73,6 +73,7 @@ class HttpServer:
         self.timeouts = timeouts
         self.not_found = not_found
         self.connections: set[Connection] = set()
+        self.buffered = 0  # request body bytes held by requests still arriving
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task | None = None
@@ -130,7 +131,9 @@ class Connection(asyncio.Protocol):
         self.peer = ""
         self.task: asyncio.Task | None = None
         self.queue: deque[Request] = deque()
-        self.reading_since = 0.0
+        # The first request's deadline runs from accept: a connection that sends nothing is a
+        # slowloris too. Between requests, keepalive_s applies instead.
+        self.reading_since = time.monotonic()
         self.idle_since = time.monotonic()
         self._reset_message()
         self.started = False  # response head written for the current request
@@ -139,6 +142,10 @@ class Connection(asyncio.Protocol):
         # Back-pressure hooks set by the relay while a stream runs (pause/resume the upstream read).
         self.on_pause: Callable[[], None] | None = None
         self.on_resume: Callable[[], None] | None = None
+
+    def _release_body(self) -> None:
+        self.server.buffered -= self._body_len
+        self._body_len = 0
 
     def _reset_message(self) -> None:
         self._url = b""
@@ -191,6 +198,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._release_body()
         self.server.connections.discard(self)
         if self.task is not None:
             self.task.cancel()
@@ -207,8 +215,10 @@ class Connection(asyncio.Protocol):
     # -- llhttp callbacks ------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._release_body()
         self._reset_message()
         self._in_head = True
+        self.reading_since = time.monotonic()  # the deadline covers this request, even a pipelined one
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -229,24 +239,36 @@ class Connection(asyncio.Protocol):
             raise _Reject(GatewayError("headers_too_large", "request headers too large"))
         self._in_head = False
         self._keep_alive = self.parser.should_keep_alive()
+        hosts = 0
         for name, value in self._headers:
-            if name == b"content-length":
-                if value.isdigit() and int(value) > self.server.limits.max_body_bytes:
-                    raise _Reject(GatewayError(
-                        "request_too_large",
-                        f"request body exceeds {self.server.limits.max_body_bytes} bytes"))
-                break
+            if name == b"host":
+                hosts += 1
+            elif name == b"content-length" and value.isdigit() and int(value) > self.server.limits.max_body_bytes:
+                raise _Reject(GatewayError(
+                    "request_too_large", f"request body exceeds {self.server.limits.max_body_bytes} bytes"))
+        # RFC 9112 3.2: exactly one Host in HTTP/1.1, at most one in HTTP/1.0; anything else is how
+        # requests get routed by one hop and read differently by the next.
+        if hosts > 1 or (hosts == 0 and self.parser.get_http_version() != "1.0"):
+            raise _Reject(GatewayError("bad_http", "a request needs exactly one Host header"))
 
     def on_body(self, body: bytes) -> None:
-        self._body_len += len(body)
+        size = len(body)
+        self._body_len += size
         if self._body_len > self.server.limits.max_body_bytes:
             raise _Reject(GatewayError(
                 "request_too_large", f"request body exceeds {self.server.limits.max_body_bytes} bytes"))
+        server = self.server
+        # Bodies still arriving share one budget, so many slow or chunked uploads cannot take the
+        # process's memory to max_connections x max_body_bytes.
+        if server.buffered + size > server.limits.max_buffered_body_bytes:
+            raise _Reject(GatewayError("server_busy", "too many request bodies arriving at once; retry"))
+        server.buffered += size
         self._body.append(body)
 
     def on_message_complete(self) -> None:
         path = self._url.split(b"?", 1)[0]
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        self._release_body()
         request = Request(self.parser.get_method(), path, self._headers, body, self._keep_alive,
                           time.monotonic(), self.peer)
         self.reading_since = 0.0

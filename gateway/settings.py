@@ -84,6 +84,8 @@ class Limits(_Section):
     max_header_bytes: int = 64 * 1024
     max_headers: int = 100
     max_connections: int = 20000
+    # Request body bytes all connections together may hold while bodies are still arriving (503 past it).
+    max_buffered_body_bytes: int = 32 * 1024 * 1024
     # Idle keep-alive connections kept per endpoint.
     upstream_idle_per_endpoint: int = 256
     # Attempts per request (first try + retries on other endpoints, before commit only).
