@@ -35,6 +35,7 @@ class Admission:
         self.pools = pools
         self._queues: dict[tuple[str, str], deque[asyncio.Future]] = {
             (p.name, c): deque() for p in pools for c in CLASSES}
+        self._waiting = 0  # waiters in all queues: release() has nothing to do while it is 0
         self._wait_s = {"interactive": config.interactive_wait_s, "batch": config.batch_wait_s}
         self._size = {"interactive": config.interactive_queue, "batch": config.batch_queue}
 
@@ -58,12 +59,14 @@ class Admission:
                                    f"{self._wait_s[call.workload]:g} s", retry_after_s=1.0)
             waiter = loop.create_future()
             queue.append(waiter)
+            self._waiting += 1
             depth.inc()
             try:
                 await asyncio.wait_for(waiter, remaining)
             except asyncio.TimeoutError:
                 pass
             finally:
+                self._waiting -= 1
                 depth.dec()
                 if waiter in queue:
                     queue.remove(waiter)
@@ -73,7 +76,10 @@ class Admission:
 
     def _fits(self, call: Call) -> bool:
         cap = call.pool.config.max_in_flight  # type: ignore[union-attr]
-        fitting = [e for e in call.candidates if e.in_flight < cap]
+        candidates = call.candidates
+        if candidates and candidates[0].in_flight < cap:
+            return True  # the common case; a full fallback is skipped when a retry reaches it
+        fitting = [e for e in candidates if e.in_flight < cap]
         if not fitting:
             return False
         call.candidates = fitting
@@ -81,6 +87,8 @@ class Admission:
 
     def release(self, endpoint: Endpoint) -> None:
         """A slot freed on ``endpoint``: wake the first waiter of its pool, interactive first."""
+        if not self._waiting:
+            return
         for cls in CLASSES:
             queue = self._queues.get((endpoint.pool, cls))
             while queue:

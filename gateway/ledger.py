@@ -20,7 +20,7 @@ from bisect import bisect_left
 from collections import Counter, defaultdict
 from itertools import repeat
 
-from gateway.logs import AccessLog
+from gateway.logs import AccessLine, AccessLog
 from gateway.metrics import Metrics
 from gateway.pool import Pool
 from gateway.relay import Call
@@ -133,16 +133,12 @@ class Ledger:
                 if call.stream and call.events > 1:
                     itl = round((call.last_event_at - call.first_byte_at) / (call.events - 1) * 1000, 2)
             usage = call.usage()
-            write({
-                "ts": round(wall_offset + call.done_at, 3), "request_id": call.request_id.decode(),
-                "key_id": call.key_id, "route": call.route, "model": call.model,
-                "pool": call.pool.name if call.pool is not None else "",
-                "endpoint": call.endpoint.id if call.endpoint is not None else "", "branch": call.branch,
-                "status": _status(call), "outcome": call.outcome, "stream": call.stream, "attempts": call.attempts,
-                "ttft_ms": ttft, "itl_ms": itl, "total_ms": round((call.done_at - start) * 1000, 2),
-                "prompt_tokens": usage.get(b"prompt_tokens"), "cached_tokens": usage.get(b"cached_tokens"),
-                "completion_tokens": usage.get(b"completion_tokens"),
-            })
+            write(AccessLine(
+                round(wall_offset + call.done_at, 3), call.request_id.decode(), call.key_id, call.route, call.model,
+                call.pool.name if call.pool is not None else "",
+                call.endpoint.id if call.endpoint is not None else "", call.branch, _status(call), call.outcome,
+                call.stream, call.attempts, ttft, itl, round((call.done_at - start) * 1000, 2),
+                usage.get(b"prompt_tokens"), usage.get(b"cached_tokens"), usage.get(b"completion_tokens")))
         self.access_log.flush()
 
 

@@ -11,9 +11,33 @@ import logging
 import sys
 import time
 
+import msgspec
 import orjson
 
 FLUSH_BYTES = 64 * 1024
+
+
+class AccessLine(msgspec.Struct):
+    """One access-log line; field order is the JSON key order. Never prompt text, never keys."""
+
+    ts: float
+    request_id: str
+    key_id: str
+    route: str
+    model: str
+    pool: str
+    endpoint: str
+    branch: str
+    status: int
+    outcome: str
+    stream: bool
+    attempts: int
+    ttft_ms: float | None
+    itl_ms: float | None
+    total_ms: float
+    prompt_tokens: int | None
+    cached_tokens: int | None
+    completion_tokens: int | None
 
 
 class AccessLog:
@@ -22,9 +46,10 @@ class AccessLog:
         self.stream = stream or sys.stdout.buffer
         self._buf: list[bytes] = []
         self._size = 0
+        self._encode = msgspec.json.Encoder().encode
 
-    def write(self, record: dict) -> None:
-        line = orjson.dumps(record) + b"\n"
+    def write(self, record: AccessLine) -> None:
+        line = self._encode(record) + b"\n"
         self._buf.append(line)
         self._size += len(line)
         if self._size >= FLUSH_BYTES:

@@ -135,8 +135,11 @@ class Relay:
         """Try the candidates in order until one answers; relay its answer to the client."""
         failure: UpstreamError | tuple[int, bytes, bytes] | None = None
         self.budget.deposit()
+        cap = call.pool.config.max_in_flight  # type: ignore[union-attr]
         for endpoint in call.candidates[:self.max_attempts]:
             if failure is not None:
+                if endpoint.in_flight >= cap:
+                    continue  # a fallback at capacity: admission let the request in for the first choice
                 if not self.budget.withdraw(time.monotonic()):
                     self.metrics.retry_budget_exhausted.inc()
                     break
