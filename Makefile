@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
 ENGINES := sglang==0.5.23 vllm==0.33.0
 
-.PHONY: run test loadtest clean
+.PHONY: run test loadtest bench clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,13 +24,20 @@ $(VENV)/.test: $(VENV)/.runtime engine_nodes/requirements-parser.txt
 run: $(VENV)/.runtime
 	$(PY) -m engine_nodes.local_stack --config gateway/example.toml
 
+# wrk drives the benchmark smoke test (tests/loadtests/test_bench_overhead.py).
 test: $(VENV)/.test
+	command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q wrk >/dev/null)
 	$(PY) -m pytest
 
 # Two-minute headless Locust run against the `make run` stack (started and stopped around it);
 # prints the KPI table, leaves Locust's CSV/HTML report in loadtest-results/<UTC time>/.
 loadtest: $(VENV)/.test
 	$(PY) -m loadtests.run --config gateway/example.toml
+
+# Side-by-side overhead benchmark against vllm-router, sglang-router and nginx (about 15 minutes;
+# installs wrk, nginx and the routers itself).
+bench: $(VENV)/.runtime
+	$(PY) -m loadtests.bench_overhead
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import shutil
@@ -53,6 +54,11 @@ def _serve(config, serve_admin: bool, reuse_port: bool) -> int:
     async def run() -> None:
         gateway = Gateway(config, serve_admin=serve_admin)
         await gateway.start(reuse_port=reuse_port)
+        # Everything built so far lives as long as the process: keep the cyclic GC from walking it
+        # again and again, and let the short-lived per-request objects pile up a little longer
+        # between young-generation collections (fewer, not longer, pauses).
+        gc.freeze()
+        gc.set_threshold(20000, 20, 20)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, gateway.stop_requested.set)
