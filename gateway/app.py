@@ -47,7 +47,8 @@ class Gateway:
         self.pools = [
             Pool(p, make_policy(
                 p.effective_policy, c=r.load_factor, session_slack=r.session_slack, vnodes=r.vnodes,
-                ring_key_blocks=r.ring_key_blocks, index_capacity_blocks=r.index_capacity_blocks,
+                ring_key_blocks=r.ring_key_blocks, ring_choices=r.ring_choices,
+                index_capacity_blocks=r.index_capacity_blocks,
                 index_ttl_s=r.index_ttl_s, session_capacity=r.session_capacity,
                 session_ttl_s=r.session_ttl_s, max_candidates=r.max_candidates))
             for p in s.pools

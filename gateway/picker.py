@@ -15,50 +15,83 @@ Policies
 ``round_robin``, ``random`` and ``least_load`` / ``power_of_two`` (on ``(load + 1) / weight``, so
 that slow-starting endpoints fill up gradually) are the baselines.
 
-``session``: a session key's home is its owner on the consistent-hash ring (``ring.HashRing``), so
-every gateway process and replica agrees on it without shared state. The session stays on its
-current endpoint while that endpoint is available and within its load bound plus a slack (below).
-Otherwise it moves to its bounded-load owner (the next acceptable endpoint clockwise), and a
-bounded, expiring map remembers the move, so it stays there, even when the old endpoint recovers,
-instead of flapping back and paying a second cold prefill. Only moved sessions take memory.
-Without a session key the request goes to the least-loaded endpoint (branch ``no_session_key``).
+``session``: a session lives on one endpoint, chosen when it is first seen and kept while that
+endpoint is available and within its load bound plus a slack (below). A new session (or one idle
+for longer than the session TTL) is placed like a cold prefix: on the least loaded of the first
+``ring_choices`` endpoints clockwise from its key on the consistent-hash ring (``ring.HashRing``)
+that are within their bounds (``HashRing.bounded_owner``), so it has at most ``ring_choices``
+possible homes, and processes that see the same loads agree on it. When its endpoint fails or
+passes bound + slack, the session moves once, placed the same way, and stays there, even when the
+old endpoint recovers, instead of flapping back and paying a second cold prefill. A bounded,
+expiring map remembers every live session's endpoint: knowing that a session is new is what lets
+its first request be placed by load instead of being held to its ring owner with slack. With
+``ring_choices = 1`` placement is the ring owner alone, so a session this process does not know
+is presumed to live on its owner (another process may have placed it there) and keeps the slack
+there: the owner-only rule, on which all processes agree whatever their loads. Without a session
+key the request goes to the least-loaded endpoint (branch ``no_session_key``).
 
 ``prefix`` (the interactive default): a request with a session key is routed as above. Otherwise:
 
 1. Look the prompt's block keys up in the ``PrefixIndex``: the endpoints holding its longest known
    prefix. Pick the least loaded of them; keep it if it is within its load bound (``prefix_hit``).
-2. Else (``overflow``), or if nothing matched (``ring``), send the request to the bounded-load owner
-   of the ring key, the chain key of the first ``ring_key_blocks`` blocks. A cold prefix thus lands
-   on the same endpoint from every process and replica with the same members and a similar load
-   view, and the load bound (not the cache) decides when it lands elsewhere, so a busy endpoint never
-   draws all new traffic.
+2. Else (``overflow``), or if nothing matched (``ring``), place the request by the ring key, the
+   chain key of the first ``ring_key_blocks`` blocks: on the least loaded of its first
+   ``ring_choices`` ring endpoints within their bounds. A cold prefix thus lands on one of a few
+   endpoints fixed by its key, the same one from every process and replica that sees the same
+   loads, and the load bound (not the cache) decides when it lands elsewhere, so a busy endpoint
+   never draws all new traffic.
+
+Why choices and not the ring owner alone. Placing by hash alone balances the count of keys, not
+their cost: prompts differ in length and hot prefixes keep their holders busy, so the owners of
+some keys are loaded (within bound) while others idle. A loaded endpoint runs more requests, whose
+KV pages are pinned, so it caches less and evicts more, and its queue grows longer still. The least
+loaded of a few ring candidates evens this out. In a replay simulation of the benchmark's traces
+(``loadtests/replay.py`` scenarios on 8 endpoints, the real engine stages on a virtual clock,
+Mooncake averaged over 5 ring layouts), for 1 / 2 / 3 choices: Mooncake prefix hit ratio 0.34 /
+0.40 / 0.42, TTFT p99 -22 % / -37 %, max/mean in flight 1.32 / 1.28 / 1.27; hh-rlhf sessions
+max/mean in flight 1.54 / 1.29 / 1.27 at the same hit ratio.
+
+The price is agreement between processes. Loads are the shared signal: an endpoint's load is this
+process's in-flight count plus what the engine reports of everyone else's, so processes see about
+the same numbers at the same moment, and a prefix or session has at most ``ring_choices`` homes,
+never the whole pool. But loads change, and a process that never saw a prefix or session (each
+process indexes only what it sent) places it by the loads of a later moment. The same simulation
+with every request sent to one of 2 (4) processes at random: Mooncake hit ratio about equal to the
+owner alone (0.30 with 2 processes; 0.25 against 0.29 with 4), TTFT p99 and balance still better;
+hh-rlhf session hit ratio 72 % (50 %) of the oracle against 94 % (92 %) with one choice. A
+deployment that spreads one client's requests over several processes or replicas should set
+``ring_choices = 1``; a single process, or processes behind a balancer that keeps each client or
+session on one of them, gets the balance.
 
 A prefix shared by every request (a common system prompt) is handled by the two steps together.
-It starts on one ring owner; when that owner passes its bound, the overflow goes to the next
-endpoint clockwise, which from then on also holds the prefix. Step 1 chooses the least loaded of
-all holders, so a hot prefix spreads over as many endpoints as its load needs, and every request
-still lands where its prefix is cached. Deeper, conversation-specific prefixes have one holder, so
-turn n + 1 of a conversation follows turn n. Each hot prefix is cached on a few endpoints instead of
-one: a little KV memory spent for balance. One gap: if a conversation's first user message ends in
-the same block as the shared system prompt, turn 1 left no conversation-specific whole block, so
-turn 2 goes to the least loaded holder of the system prompt; it re-prefills that message and the
-first answer there, and later turns follow it.
+It starts on one ring candidate; when that endpoint passes its bound, the overflow goes to another
+endpoint, which from then on also holds the prefix. Step 1 chooses the least loaded of all holders,
+so a hot prefix spreads over as many endpoints as its load needs, and every request still lands
+where its prefix is cached. Deeper, conversation-specific prefixes have one holder, so turn n + 1 of
+a conversation follows turn n. Each hot prefix is cached on a few endpoints instead of one: a little
+KV memory spent for balance. One gap: if a conversation's first user message ends in the same block
+as the shared system prompt, turn 1 left no conversation-specific whole block, so turn 2 goes to the
+least loaded holder of the system prompt; it re-prefills that message and the first answer there,
+and later turns follow it.
 
 Bounds
 ------
-A prefix holder is kept, and a ring owner takes a request, only within the Mirrokni bound
+A prefix holder is kept, and a ring candidate takes a request, only within the Mirrokni bound
 ``ring.load_bound``: at most ``ceil(c * (total + 1) * share)`` requests after taking it, i.e. about
 ``c`` times the mean. A session's endpoint keeps it up to ``session_slack`` requests beyond that
 bound: a move costs a prefill of the whole conversation, while a couple of extra requests in flight
 cost little, and without slack, at low load (bound 2 or 3) sessions would be pushed around by the
 rounding of the bound alone. (A simulation of 32 sessions on 4 endpoints: 137 moves in 3,500 turns
-with no slack, none with a slack of 2, and the same max/mean load.) Prefix hits get no slack: a hot
+with no slack, none with a slack of 2, and the same max/mean load.) A new session gets no slack: it
+has nothing cached anywhere yet (with several choices, new sessions held to their ring owner with
+slack are what kept max/mean in flight at 1.54 above). Prefix hits get no slack either: a hot
 prefix answers overload by spreading to more holders, which keeps the load within ``c`` times the
 mean.
 
 Cost: ``pick`` is O(endpoints + log(prefix keys) + ring points walked) and allocates a few small
 containers; ``observe`` is O(prefix keys). The ring is rebuilt only when the list of endpoint ids
-changes.
+changes. Sessions take one map entry each (about 220 bytes) while they live, at most
+``session_capacity`` (100,000: about 22 MB).
 """
 
 from __future__ import annotations
@@ -125,8 +158,12 @@ class Policy(Protocol):
 
 
 BRANCHES = ("no_endpoint", "round_robin", "random", "least_load", "power_of_two", "session",
-            "session_moved", "no_session_key", "prefix_hit", "overflow", "ring", "holder_unavailable",
-            "no_prefix_key")
+            "session_new", "session_moved", "no_session_key", "prefix_hit", "overflow", "ring",
+            "holder_unavailable", "no_prefix_key")
+
+
+# Ring candidates a cold prefix or a new session chooses from (module docstring: why choices).
+RING_CHOICES = 3
 
 
 def _pressure(endpoint: Candidate) -> float:
@@ -230,29 +267,28 @@ class PowerOfTwo(_NoAffinity):
 
 
 class _LoadView:
-    """One request's view of the endpoints: every id (the ring's members), and the available ones
-    by id with their loads and weights."""
+    """One request's view of the available endpoints: by id with their loads, the total load, and
+    their weights (``weight`` stays None while every weight is 1, the norm, so the bounds skip
+    per-member share arithmetic). One pass, reading each endpoint's load once."""
 
-    __slots__ = ("by_id", "ids", "load", "total", "weight", "weight_sum")
+    __slots__ = ("by_id", "load", "total", "weight", "weight_sum")
 
     def __init__(self, endpoints: Sequence[Candidate]):
-        ids: list[str] = []
         by_id: dict[str, Candidate] = {}
         load: dict[str, float] = {}
+        total = 0.0
         slow_start = False
         for e in endpoints:
-            endpoint_id = e.id
-            ids.append(endpoint_id)
             if e.available:
+                endpoint_id = e.id
                 by_id[endpoint_id] = e
-                load[endpoint_id] = e.load
+                held = load[endpoint_id] = e.load
+                total += held
                 if e.weight != 1.0:
                     slow_start = True
-        self.ids = ids
         self.by_id = by_id
         self.load = load
-        self.total = sum(load.values())
-        # Equal weights are the norm; the ring then skips per-member share arithmetic.
+        self.total = total
         self.weight = {i: e.weight for i, e in by_id.items()} if slow_start else None
         self.weight_sum = sum(self.weight.values()) if self.weight is not None else float(len(load))
 
@@ -260,6 +296,12 @@ class _LoadView:
         """Whether an endpoint may keep an affinity request: within its load bound plus ``slack``."""
         share = (self.weight[endpoint_id] if self.weight is not None else 1.0) / self.weight_sum
         return self.load[endpoint_id] + 1.0 <= load_bound(c, self.total, share) + slack
+
+    def place(self, ring: HashRing, key: int, c: float, choices: int) -> str:
+        """The least loaded of the first ``choices`` endpoints clockwise from ``key`` within bound."""
+        target = ring.bounded_owner(key, self.load, c, self.weight, choices)
+        assert target is not None  # the ring holds every endpoint of the view
+        return target
 
     def along(self, ring: HashRing, key: int, first: str, count: int) -> list[Candidate]:
         """``first``, then available endpoints clockwise from ``key``, ``count`` at most."""
@@ -275,46 +317,53 @@ class _LoadView:
 
 
 class _RingCache:
-    """The ring over the endpoint ids last seen, rebuilt when they change. Health flaps do not
+    """The ring over the ids of the endpoints last seen, rebuilt when the ids change. The list of
+    endpoints is compared first, element by element, identity first, so the usual request (the
+    pool's own endpoint objects, whose ids never change) costs no list of ids. Health flaps do not
     rebuild it: unavailable endpoints stay on the ring and are walked past, which moves exactly the
     keys a rebuild without them would move."""
 
-    __slots__ = ("ids", "ring", "vnodes")
+    __slots__ = ("endpoints", "ids", "ring", "vnodes")
 
     def __init__(self, vnodes: int):
         self.vnodes = vnodes
+        self.endpoints: list[Candidate] = []
         self.ids: list[str] = []
         self.ring = HashRing((), vnodes)
 
-    def get(self, ids: list[str]) -> HashRing:
-        if ids != self.ids:
-            self.ring = HashRing(ids, self.vnodes)
-            self.ids = ids
+    def get(self, endpoints: Sequence[Candidate]) -> HashRing:
+        if endpoints != self.endpoints:
+            ids = [e.id for e in endpoints]
+            if ids != self.ids:
+                self.ring = HashRing(ids, self.vnodes)
+                self.ids = ids
+            self.endpoints = list(endpoints)
         return self.ring
 
 
 class SessionAffinity:
-    """Sticky sessions on the bounded-load ring (module docstring, ``session``)."""
+    """Sticky sessions placed on the bounded-load ring (module docstring, ``session``)."""
 
-    __slots__ = ("_least_load", "_moved", "_rings", "c", "capacity", "max_candidates", "slack", "ttl_s")
+    __slots__ = ("_least_load", "_placed", "_rings", "c", "capacity", "choices", "max_candidates", "slack",
+                 "ttl_s")
     name = "session"
 
-    def __init__(self, *, c: float, slack: float, vnodes: int, capacity: int, ttl_s: float,
+    def __init__(self, *, c: float, slack: float, vnodes: int, ring_choices: int, capacity: int, ttl_s: float,
                  max_candidates: int, rings: _RingCache | None = None):
         self.c = c
         self.slack = slack
+        self.choices = ring_choices
         self.max_candidates = max_candidates
         self.capacity = capacity
         self.ttl_s = ttl_s
         self._rings = rings if rings is not None else _RingCache(vnodes)
-        # Session key -> (endpoint id, last time a request went there), for sessions living away
-        # from their ring owner only; LRU order.
-        self._moved: OrderedDict[int, tuple[str, float]] = OrderedDict()
+        # Session key -> (endpoint id, last time a request went there); LRU order.
+        self._placed: OrderedDict[int, tuple[str, float]] = OrderedDict()
         self._least_load = LeastLoad(max_candidates)
 
     def __len__(self) -> int:
-        """Sessions remembered as moved away from their ring owner."""
-        return len(self._moved)
+        """Sessions remembered."""
+        return len(self._placed)
 
     def pick(self, endpoints: Sequence[Candidate], keys: RouteKeys, now: float) -> Decision:
         if keys.session is None:
@@ -322,52 +371,62 @@ class SessionAffinity:
         view = _LoadView(endpoints)
         if not view.by_id:
             return Decision([], "no_endpoint", 0)
-        return self.route(self._rings.get(view.ids), view, keys.session, now)
+        return self.route(self._rings.get(endpoints), view, keys.session, now)
 
     def route(self, ring: HashRing, view: _LoadView, session: int, now: float) -> Decision:
         """Where ``session`` goes given this view; used by the prefix policy as well."""
-        moved = self._moved.get(session)
-        current = moved[0] if moved is not None and moved[1] >= now - self.ttl_s else ring.owner(session)
-        if current in view.by_id and view.keeps(current, self.c, self.slack):
+        placed = self._placed.get(session)
+        if placed is not None and placed[1] >= now - self.ttl_s:
+            current: str | None = placed[0]
+        elif self.choices == 1:
+            # Placement is the ring owner alone: a session this process does not know most likely
+            # lives there already (another process placed it), so it is treated as living there.
+            current = ring.owner(session)
+        else:
+            current = None
+        if current is None:
+            branch = "session_new"
+        elif current in view.by_id and view.keeps(current, self.c, self.slack):
             return Decision(view.along(ring, session, current, self.max_candidates), "session", 0)
-        target = ring.bounded_owner(session, view.load, self.c, view.weight)
-        assert target is not None  # the ring holds every endpoint of the view
+        else:
+            branch = "session_moved"
+        target = view.place(ring, session, self.c, self.choices)
         # Only when fractional loads leave no endpoint within bound can the target be the current one.
-        branch = "session" if target == current else "session_moved"
-        return Decision(view.along(ring, session, target, self.max_candidates), branch, 0)
+        return Decision(view.along(ring, session, target, self.max_candidates),
+                        "session" if target == current else branch, 0)
 
     def observe(self, endpoint_id: str, keys: RouteKeys, now: float) -> None:
         session = keys.session
         if session is None:
             return
-        moved = self._moved
-        if self._rings.ring.owner(session) == endpoint_id:
-            moved.pop(session, None)
-            return
-        moved[session] = (endpoint_id, now)
-        moved.move_to_end(session)
+        placed = self._placed
+        placed[session] = (endpoint_id, now)
+        placed.move_to_end(session)
         cutoff = now - self.ttl_s
-        while moved and (len(moved) > self.capacity or next(iter(moved.values()))[1] < cutoff):
-            moved.popitem(last=False)
+        while len(placed) > self.capacity or next(iter(placed.values()))[1] < cutoff:
+            placed.popitem(last=False)
 
 
 class PrefixAffinity:
     """Longest-prefix routing with load bounds, ring placement for cold prefixes, sessions first
     (module docstring, ``prefix``)."""
 
-    __slots__ = ("_least_load", "_rings", "c", "index", "max_candidates", "ring_key_blocks", "sessions")
+    __slots__ = ("_least_load", "_rings", "c", "choices", "index", "max_candidates", "ring_key_blocks",
+                 "sessions")
     name = "prefix"
 
-    def __init__(self, *, c: float, session_slack: float, vnodes: int, ring_key_blocks: int,
-                 index_capacity_blocks: int, index_ttl_s: float, session_capacity: int, session_ttl_s: float,
-                 max_candidates: int):
+    def __init__(self, *, c: float, session_slack: float, vnodes: int, ring_choices: int,
+                 ring_key_blocks: int, index_capacity_blocks: int, index_ttl_s: float, session_capacity: int,
+                 session_ttl_s: float, max_candidates: int):
         self.c = c
+        self.choices = ring_choices
         self.ring_key_blocks = ring_key_blocks
         self.max_candidates = max_candidates
         self.index = PrefixIndex(index_capacity_blocks, index_ttl_s)
         self._rings = _RingCache(vnodes)
-        self.sessions = SessionAffinity(c=c, slack=session_slack, vnodes=vnodes, capacity=session_capacity,
-                                        ttl_s=session_ttl_s, max_candidates=max_candidates, rings=self._rings)
+        self.sessions = SessionAffinity(c=c, slack=session_slack, vnodes=vnodes, ring_choices=ring_choices,
+                                        capacity=session_capacity, ttl_s=session_ttl_s,
+                                        max_candidates=max_candidates, rings=self._rings)
         self._least_load = LeastLoad(max_candidates)
 
     def pick(self, endpoints: Sequence[Candidate], keys: RouteKeys, now: float) -> Decision:
@@ -377,7 +436,7 @@ class PrefixAffinity:
         view = _LoadView(endpoints)
         if not view.by_id:
             return Decision([], "no_endpoint", 0)
-        ring = self._rings.get(view.ids)
+        ring = self._rings.get(endpoints)
         if keys.session is not None:
             return self.sessions.route(ring, view, keys.session, now)
         ring_key = prefix[min(self.ring_key_blocks, len(prefix)) - 1]
@@ -397,8 +456,7 @@ class PrefixAffinity:
                 return Decision(view.along(ring, ring_key, best.id, self.max_candidates), "prefix_hit", depth)
             else:
                 branch = "overflow"
-        target = ring.bounded_owner(ring_key, view.load, self.c, view.weight)
-        assert target is not None  # the ring holds every endpoint of the view
+        target = view.place(ring, ring_key, self.c, self.choices)
         return Decision(view.along(ring, ring_key, target, self.max_candidates), branch, depth)
 
     def observe(self, endpoint_id: str, keys: RouteKeys, now: float) -> None:
@@ -413,21 +471,25 @@ POLICIES = ("prefix", "session", "round_robin", "random", "least_load", "power_o
 
 def make_policy(name: str, *, c: float, session_slack: float, vnodes: int, ring_key_blocks: int,
                 index_capacity_blocks: int, index_ttl_s: float, session_capacity: int, session_ttl_s: float,
-                max_candidates: int, seed: int | None = None) -> Policy:
+                max_candidates: int, ring_choices: int = RING_CHOICES, seed: int | None = None) -> Policy:
     """Build the policy called ``name`` (one of ``POLICIES``) for one pool.
 
     ``c``: load factor of the bounds (>= 1); ``session_slack``: requests a session's endpoint may
     hold beyond its bound before the session moves (>= 0); ``vnodes``: ring points per endpoint;
-    ``ring_key_blocks``: blocks that key a cold prefix on the ring; ``index_capacity_blocks`` /
-    ``index_ttl_s``: prefix index size and entry lifetime; ``session_capacity`` / ``session_ttl_s``:
-    moved-session map size and idle lifetime; ``max_candidates``: length of a decision's endpoint
-    list (choice + fallbacks); ``seed``: for ``random`` and ``power_of_two`` (None: from the OS).
+    ``ring_choices``: ring candidates a cold prefix or a new session is placed on, the least loaded
+    wins (1: the bounded owner alone, the choice for processes that share clients, module
+    docstring); ``ring_key_blocks``: blocks that key a cold prefix on the ring;
+    ``index_capacity_blocks`` / ``index_ttl_s``: prefix index size and entry lifetime;
+    ``session_capacity`` / ``session_ttl_s``: session map size and idle lifetime;
+    ``max_candidates``: length of a decision's endpoint list (choice + fallbacks); ``seed``: for
+    ``random`` and ``power_of_two`` (None: from the OS).
     """
     if c < 1.0:
         raise ValueError(f"c must be >= 1, got {c}")
     if session_slack < 0:
         raise ValueError(f"session_slack must be >= 0, got {session_slack}")
-    for key, value in (("vnodes", vnodes), ("ring_key_blocks", ring_key_blocks),
+    for key, value in (("vnodes", vnodes), ("ring_choices", ring_choices),
+                       ("ring_key_blocks", ring_key_blocks),
                        ("index_capacity_blocks", index_capacity_blocks),
                        ("session_capacity", session_capacity), ("max_candidates", max_candidates)):
         if value < 1:
@@ -435,12 +497,13 @@ def make_policy(name: str, *, c: float, session_slack: float, vnodes: int, ring_
     if index_ttl_s <= 0 or session_ttl_s <= 0:
         raise ValueError("index_ttl_s and session_ttl_s must be positive")
     if name == "prefix":
-        return PrefixAffinity(c=c, session_slack=session_slack, vnodes=vnodes,
+        return PrefixAffinity(c=c, session_slack=session_slack, vnodes=vnodes, ring_choices=ring_choices,
                               ring_key_blocks=ring_key_blocks, index_capacity_blocks=index_capacity_blocks,
                               index_ttl_s=index_ttl_s, session_capacity=session_capacity,
                               session_ttl_s=session_ttl_s, max_candidates=max_candidates)
     if name == "session":
-        return SessionAffinity(c=c, slack=session_slack, vnodes=vnodes, capacity=session_capacity,
+        return SessionAffinity(c=c, slack=session_slack, vnodes=vnodes, ring_choices=ring_choices,
+                               capacity=session_capacity,
                                ttl_s=session_ttl_s, max_candidates=max_candidates)
     if name == "round_robin":
         return RoundRobin(max_candidates)

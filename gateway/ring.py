@@ -28,11 +28,22 @@ owner only while that owner is overloaded. ``c`` trades balance (near 1: tight, 
 (large: keys stay, and one hot key can pile up ``c`` times the mean on one member). Members with
 weight < 1 (slow start after joining or recovering) get a proportionally smaller bound.
 
+Choices on the list. ``bounded_owner(..., choices=d)`` takes, of the first ``d`` members of the
+key's list that pass their bound, the one with the least ``(load + 1) / weight`` (ties to the
+earlier). ``d = 1`` is the bounded owner. ``d = 2`` or ``3`` is the "power of d choices"
+(Mitzenmacher) confined to the key's own preference list: placement by hash alone leaves members
+with uneven load even within their bounds (their shares of the keys differ, and so do the keys'
+costs), while the least loaded of ``d`` candidates is close to least-loaded placement; yet a key
+still lands on one of a few fixed members, so callers with the same view agree, callers whose
+views differ disagree only among those ``d``, and a key never has more than ``d`` homes while
+loads stay within bounds. Loads change over time, though, so a caller that places a key later may
+choose another of the ``d``; ``gateway.picker`` weighs what that costs several processes.
+
 Cost: building sorts the V = N * vnodes points and precomputes, for each point, the first
 ``PREFERENCE_DEPTH`` distinct members clockwise: O(V log V + V * depth), about 6 ms for 16 members
 and 30 ms for 64 in CPython, so the caller rebuilds only when membership changes. ``owner`` and
 ``preference`` are one binary search, O(log V); ``bounded_owner`` then reads the precomputed
-members until one passes, and walks on point by point only past the first ``PREFERENCE_DEPTH``.
+members until ``choices`` pass, and walks on point by point only past the first ``PREFERENCE_DEPTH``.
 """
 
 from __future__ import annotations
@@ -133,33 +144,43 @@ class HashRing:
         return head[0] if head else None
 
     def bounded_owner(self, key: int, load: Mapping[str, float], c: float,
-                      weight: Mapping[str, float] | None = None) -> str | None:
-        """The first member clockwise from ``key`` whose ``load + 1`` is within its ``load_bound``.
+                      weight: Mapping[str, float] | None = None, choices: int = 1) -> str | None:
+        """Of the first ``choices`` members clockwise from ``key`` whose ``load + 1`` is within their
+        ``load_bound``, the one with the least ``(load + 1) / weight``; ties go to the earlier one.
 
-        ``load`` maps each eligible member to its load; ring members missing from it are skipped
-        (unavailable), and ``total`` is the sum of its values. ``weight`` maps the same members to
-        their weights (default: equal). With fractional loads it can happen that no member passes;
-        then the member with the most room relative to its share is returned, so the result is None
-        only when no ring member is in ``load``.
+        ``choices=1`` is the plain bounded owner: the first member that passes. ``load`` maps each
+        eligible member to its load; ring members missing from it are skipped (unavailable), and
+        ``total`` is the sum of its values. ``weight`` maps the same members to their weights
+        (default: equal). With fractional loads it can happen that no member passes; then the
+        member with the most room relative to its share is returned, so the result is None only
+        when no ring member is in ``load``.
         """
         total = sum(load.values())
-        wsum = sum(weight.values()) if weight is not None else float(len(load))
-        equal_bound = load_bound(c, total, 1.0 / wsum) if weight is None and load else 0
+        if weight is None:
+            # Equal shares: one bound for all, and the load itself orders the candidates.
+            bound = load_bound(c, total, 1.0 / len(load)) if load else 0
+        else:
+            wsum = sum(weight.values())
+        chosen: str | None = None
         best: str | None = None
-        best_pressure = inf
+        chosen_pressure = best_pressure = inf
+        passed = 0
         for member in self.walk(key):
             held = load.get(member)
             if held is None:
                 continue
             if weight is None:
-                share = 1.0
-                bound = equal_bound
+                pressure = held
             else:
                 share = weight[member]
                 bound = load_bound(c, total, share / wsum)
+                pressure = (held + 1.0) / share
             if held + 1.0 <= bound:
-                return member
-            pressure = (held + 1.0) / share
-            if pressure < best_pressure:
+                if pressure < chosen_pressure:
+                    chosen, chosen_pressure = member, pressure
+                passed += 1
+                if passed == choices:
+                    return chosen
+            elif pressure < best_pressure:
                 best, best_pressure = member, pressure
-        return best
+        return chosen if chosen is not None else best

@@ -10,6 +10,7 @@ branch (the ledger counts what the call carries).
 
 from __future__ import annotations
 
+import random
 import time
 
 from gateway import affinity
@@ -31,6 +32,7 @@ class Router:
             for model in pool.models:
                 self.by_model.setdefault(model, {INTERACTIVE: [], BATCH: []})[pool.role].append(pool)
         self.session_headers = [h.lower().encode() for h in routing.session_headers]
+        self._random = random.Random(0).random
         self.session_fields = list(routing.session_fields)
 
     def route(self, call: Call, header, decoded, text: str, workload: str) -> None:
@@ -48,13 +50,21 @@ class Router:
             session=self._session(header, decoded))
         now = time.monotonic()
         decision = pool.policy.pick(pool.endpoints, keys, now)
-        if not decision.endpoints:
+        candidates = decision.endpoints
+        if not candidates:
             raise GatewayError("no_healthy_upstream", f"no healthy endpoint serves model `{call.model}`")
+        branch = decision.branch
+        first = candidates[0]
+        # Slow start: load bounds cap what a returning replica holds, but a lightly loaded replica
+        # turns its slots over fast; also admit it only a `weight` share of the requests it is picked for.
+        if first.weight < 1.0 and len(candidates) > 1 and self._random() > first.weight:
+            candidates = candidates[1:] + [first]
+            branch = "slow_start"
         call.keys = keys
         call.pool = pool
-        call.candidates = decision.endpoints
+        call.candidates = candidates
         call.policy = pool.policy.name
-        call.branch = "spill" if spilled else decision.branch
+        call.branch = "spill" if spilled else branch
         call.matched_blocks = decision.matched_blocks
 
     def _pool(self, pools: dict[str, list[Pool]], workload: str) -> tuple[Pool | None, bool]:

@@ -212,11 +212,6 @@ async def _recover_under_load(gw: GatewayProcess, ids: list[str]) -> Recovery:
     return Recovery(recovering, ejected_at, restored_at, await load, snapshots)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "slow start bounds the recovering replica's requests in flight (load bound "
-    "ceil(c * (total + 1) * w / sum w)), not its share of new requests: lightly loaded, it answers "
-    "about twice as fast as its busy peers and turns its few slots over twice as often, so it gets "
-    "~45% of a fair share of new requests in the first quarter of the window (see the report)"))
 def test_recovering_engine_gets_at_most_35pct_of_a_fair_share_of_new_requests_in_the_first_quarter(recovery):
     """Scenario 7: the brief's "<= 35% of a fair share at t = 7.5 s of a 30 s window", checked over
     the whole first quarter of an 8 s window (about 140 requests)."""

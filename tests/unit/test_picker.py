@@ -155,6 +155,21 @@ def test_cold_prompt_goes_to_its_ring_owner_identically_from_every_process_and_r
     assert decisions[0].matched_blocks == 0
 
 
+def test_cold_prompt_goes_to_the_least_loaded_of_its_first_ring_choices_candidates():
+    eps = endpoints(6)
+    by_id = {e.id: e for e in eps}
+    route = keys(text_of("s", "t", "u"))
+    walk = list(HashRing([e.id for e in eps]).walk(route.prefix[1]))
+    for e in eps:
+        e.load = 5.0
+    by_id[walk[0]].load, by_id[walk[1]].load, by_id[walk[2]].load = 4.0, 3.0, 2.0
+    by_id[walk[3]].load = 0.0  # less loaded still, but not one of the key's three candidates
+    decisions = [policy("prefix").pick(eps, route, 0.0) for _ in range(3)]
+    assert {d.endpoints[0].id for d in decisions} == {walk[2]}
+    assert policy("prefix", ring_choices=2).pick(eps, route, 0.0).endpoints[0].id == walk[1]
+    assert policy("prefix", ring_choices=1).pick(eps, route, 0.0).endpoints[0].id == walk[0]
+
+
 def test_cold_prompts_spread_over_the_ring():
     eps = endpoints(4)
     pol = policy("prefix")
@@ -279,20 +294,40 @@ def test_one_prompt_shared_by_every_request_spreads_over_all_endpoints():
 # --- sessions -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["session", "prefix"])
-def test_a_sessions_hundred_turns_land_on_one_endpoint(name):
+def test_a_sessions_hundred_turns_land_on_one_of_its_ring_candidates(name):
     eps = endpoints(4)
     rng = random.Random(1)
     pol = policy(name)
-    where, branches = set(), set()
+    where, branches = set(), []
     for turn in range(100):
         for e in eps:
             e.load = rng.randint(3, 6)
         decision = send(pol, eps, keys(f"turn {turn} " * 50, session="conversation-42"), float(turn))
         where.add(decision.endpoints[0].id)
-        branches.add(decision.branch)
-    assert len(where) == 1 and branches == {"session"}
+        branches.append(decision.branch)
+    assert len(where) == 1 and branches == ["session_new"] + ["session"] * 99
     ring = HashRing([e.id for e in eps])
-    assert where == {ring.owner(key_hash("conversation-42"))}
+    assert where <= set(list(ring.walk(key_hash("conversation-42")))[:3])
+
+
+def test_new_session_goes_to_its_least_loaded_candidate_within_bound_and_then_keeps_its_slack():
+    eps = endpoints(4)
+    by_id = {e.id: e for e in eps}
+    route = keys(session="user-5")
+    walk = list(HashRing([e.id for e in eps]).walk(route.session))
+    for e in eps:
+        e.load = 4.0
+    by_id[walk[0]].load = 6.0  # total 18: bound ceil(1.25 * 19 / 4) = 6; the owner is full
+    by_id[walk[2]].load = 3.0
+    pol = policy("session", session_slack=2.0)
+    first = send(pol, eps, route, 0.0)
+    assert (first.endpoints[0].id, first.branch) == (walk[2], "session_new")
+    by_id[walk[2]].load = 7.0  # total 21: bound 7; a known session keeps its endpoint up to 7 + 2
+    kept = pol.pick(eps, route, 1.0)
+    assert (kept.endpoints[0].id, kept.branch) == (walk[2], "session")
+    other = keys(session="user-6")
+    assert pol.pick(eps, other, 1.0).branch == "session_new"
+    assert by_id[pol.pick(eps, other, 1.0).endpoints[0].id].load + 1 <= 7, "a new session gets no slack"
 
 
 def test_session_moves_once_when_its_endpoint_dies_and_stays_after_it_recovers():
@@ -306,10 +341,25 @@ def test_session_moves_once_when_its_endpoint_dies_and_stays_after_it_recovers()
         home.available = not 30 <= turn < 60
         decision = send(pol, eps, route, float(turn))
         trace.append((decision.endpoints[0].id, decision.branch))
-    assert all(t == (order[0], "session") for t in trace[:30])
+    assert trace[0] == (order[0], "session_new")
+    assert all(t == (order[0], "session") for t in trace[1:30])
     assert trace[30] == (order[1], "session_moved")
     assert all(t == (order[1], "session") for t in trace[31:])
     assert len(pol) == 1
+
+
+def test_with_one_ring_choice_an_unknown_session_is_presumed_on_its_ring_owner_and_keeps_its_slack():
+    eps = endpoints(4)
+    route = keys(session="user-8")
+    owner = next(e for e in eps if e.id == HashRing([e.id for e in eps]).owner(route.session))
+    for e in eps:
+        e.load = 4.0
+    owner.load = 7.0  # total 19: bound ceil(1.25 * 20 / 4) = 7; 7 + 1 <= 7 + 2
+    agreeing = [policy("session", ring_choices=1) for _ in range(3)]  # three processes, none saw it
+    assert {(p.pick(eps, route, 0.0).endpoints[0].id, p.pick(eps, route, 0.0).branch) for p in agreeing} == {
+        (owner.id, "session")}
+    balancing = policy("session", ring_choices=3).pick(eps, route, 0.0)
+    assert balancing.branch == "session_new" and balancing.endpoints[0] is not owner
 
 
 def test_session_stays_within_its_slack_and_moves_beyond_it():
@@ -317,6 +367,7 @@ def test_session_stays_within_its_slack_and_moves_beyond_it():
     pol = policy("session", session_slack=2.0)
     route = keys(session="user-9")
     home = next(e for e in eps if e.id == HashRing([e.id for e in eps]).owner(route.session))
+    assert send(pol, eps, route, 0.0).endpoints[0] is home
     for e in eps:
         e.load = 4.0
     home.load = 7.0  # total 19: bound ceil(1.25 * 20 / 4) = 7; 7 + 1 <= 7 + 2
@@ -326,7 +377,7 @@ def test_session_stays_within_its_slack_and_moves_beyond_it():
     assert decision.branch == "session_moved" and decision.endpoints[0] is not home
 
 
-def test_moved_sessions_are_bounded_and_expire_back_to_their_ring_owner():
+def test_remembered_sessions_are_bounded_and_expire_to_a_fresh_placement():
     eps = endpoints(3)
     pol = policy("session", session_capacity=10, session_ttl_s=100.0)
     eps[0].available = False
@@ -348,7 +399,8 @@ def test_a_retry_elsewhere_moves_the_session_to_where_the_request_went():
     pol.observe(first.endpoints[1].id, route, 0.0)  # the first choice failed; the fallback served it
     assert pol.pick(eps, route, 1.0).endpoints[0] is first.endpoints[1]
     pol.observe(first.endpoints[0].id, route, 2.0)
-    assert len(pol) == 0, "back on its ring owner: nothing to remember"
+    assert pol.pick(eps, route, 3.0).endpoints[0] is first.endpoints[0]
+    assert len(pol) == 1
 
 
 def test_session_policy_without_session_key_balances_load_and_says_so():
@@ -363,12 +415,12 @@ def test_prefix_policy_routes_a_session_key_by_session_and_still_learns_its_pref
     pol = policy("prefix")
     prompt = text_of("s", "a", "b")
     first = send(pol, eps, keys(prompt, session="chat-3"), 0.0)
-    assert first.branch == "session"
+    assert first.branch == "session_new"
     follow = pol.pick(eps, keys(prompt + text_of("c")), 1.0)
     assert (follow.branch, follow.endpoints[0]) == ("prefix_hit", first.endpoints[0])
 
 
-def test_adding_an_endpoint_moves_about_one_nth_of_the_sessions_and_only_to_it():
+def test_adding_an_endpoint_moves_about_one_nth_of_new_sessions_and_only_to_it():
     eps = endpoints(4)
     pol = policy("session")
     sessions = [keys(session=f"s{i}") for i in range(2000)]
@@ -378,6 +430,15 @@ def test_adding_an_endpoint_moves_about_one_nth_of_the_sessions_and_only_to_it()
     moved = [b for a, b in zip(before, after) if a != b]
     assert set(moved) == {"10.0.0.9:30000"}
     assert len(moved) / len(sessions) <= 1 / 5 + 0.05
+
+
+def test_known_sessions_stay_put_when_an_endpoint_joins():
+    eps = endpoints(4)
+    pol = policy("session")
+    sessions = [keys(session=f"s{i}") for i in range(500)]
+    before = [send(pol, eps, s, 0.0).endpoints[0].id for s in sessions]
+    eps.append(Ep("10.0.0.9:30000"))
+    assert [pol.pick(eps, s, 1.0).endpoints[0].id for s in sessions] == before
 
 
 def test_pool_endpoint_satisfies_the_candidate_contract():

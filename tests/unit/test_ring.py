@@ -96,8 +96,8 @@ def test_vnodes_spread_keys_evenly():
 
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 12), c=st.sampled_from([1.0, 1.1, 1.25, 2.0]), seed=st.integers(0, 10**6),
-       slow=st.lists(st.sampled_from([0.1, 0.5, 1.0]), min_size=12, max_size=12))
-def test_bounded_owner_never_puts_a_member_above_its_bound(n, c, seed, slow):
+       slow=st.lists(st.sampled_from([0.1, 0.5, 1.0]), min_size=12, max_size=12), choices=st.integers(1, 4))
+def test_bounded_owner_never_puts_a_member_above_its_bound(n, c, seed, slow, choices):
     ring = HashRing(names(n))
     weight = dict(zip(names(n), slow))
     rng = random.Random(seed)
@@ -108,7 +108,7 @@ def test_bounded_owner_never_puts_a_member_above_its_bound(n, c, seed, slow):
             load[placed.pop(rng.randrange(len(placed)))] -= 1
             continue
         total = sum(load.values())
-        member = ring.bounded_owner(rng.getrandbits(64), load, c, weight)
+        member = ring.bounded_owner(rng.getrandbits(64), load, c, weight, choices)
         share = weight[member] / sum(weight.values())
         assert load[member] + 1 <= load_bound(c, total, share)
         load[member] += 1
@@ -129,6 +129,32 @@ def test_bounded_owner_walks_past_an_overloaded_owner_to_the_next_member_clockwi
     load = dict.fromkeys(names(4), 1.0)
     load[first] = 10.0  # total 13: bound ceil(1.25 * 14 / 4) = 5
     assert ring.bounded_owner(key, load, 1.25) == second
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 12), choices=st.integers(1, 5), key=keys,
+       loads=st.lists(st.integers(0, 12), min_size=12, max_size=12))
+def test_bounded_owner_with_choices_is_the_least_loaded_of_the_first_members_within_bound(
+        n, choices, key, loads):
+    ring = HashRing(names(n))
+    load = {m: float(x) for m, x in zip(names(n), loads)}
+    bound = load_bound(1.25, sum(load.values()), 1 / n)
+    passing = [m for m in ring.walk(key) if load[m] + 1 <= bound]
+    chosen = ring.bounded_owner(key, load, 1.25, choices=choices)
+    if passing:
+        candidates = passing[:choices]
+        assert chosen == min(candidates, key=lambda m: load[m])  # min() keeps the earliest of ties
+        if choices == 1:
+            assert chosen == passing[0]
+    else:
+        assert chosen in load
+
+
+def test_bounded_owner_with_equal_loads_is_the_owner_for_any_number_of_choices():
+    ring = HashRing(names(6))
+    load = dict.fromkeys(names(6), 2.0)
+    for k in KEYS[:300]:
+        assert {ring.bounded_owner(k, load, 1.25, choices=d) for d in (1, 2, 3, 6)} == {ring.owner(k)}
 
 
 def test_bounded_owner_skips_members_missing_from_load_as_unavailable():
