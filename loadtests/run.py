@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from engine_nodes.local_stack import stop_process
 from loadtests import kpi, summary
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,16 +76,6 @@ def wait_ready(url: str, stack: subprocess.Popen, timeout: float) -> None:
             return
         time.sleep(0.2)
     raise RuntimeError(f"{url}/readyz did not answer 200 within {timeout:.0f} s")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def locust_command(args: argparse.Namespace, host: str) -> list[str]:
@@ -159,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         code = subprocess.run(locust_command(args, host), cwd=REPO, env=env).returncode
     finally:
         if stack is not None:
-            stop(stack)
+            stop_process(stack, STOP_TIMEOUT_S)
     if not (args.out / kpi.FILE_NAME).is_file():
         print(f"locust exited with status {code} and left no {kpi.FILE_NAME} in {args.out}", file=sys.stderr)
         return code or 2

@@ -6,8 +6,6 @@ Every process a test starts is stopped by its fixture, by PID, even when the tes
 from __future__ import annotations
 
 import json
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,31 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from engine_nodes.local_stack import free_ports, stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "llama-3.1-8b"
-
-
-def free_ports(n: int = 1) -> int:
-    """First of ``n`` consecutive ports that are free on 127.0.0.1 right now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no block of free ports")
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -63,16 +40,6 @@ def http_post_json(url: str, doc: dict, timeout: float = 5.0) -> tuple[int, byte
         return e.code, e.read()
 
 
-def _stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 class Simulator:
     """One ``engine_nodes sim`` process hosting ``replicas`` replicas on consecutive ports."""
 
@@ -84,7 +51,7 @@ class Simulator:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         if not line.startswith("READY"):
-            _stop(self.proc)
+            stop_process(self.proc)
             raise RuntimeError(f"simulator failed to start: {line!r}")
 
     @property
@@ -105,7 +72,7 @@ class Simulator:
         assert status == 200, body
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
 
 class GatewayProcess:
@@ -161,7 +128,7 @@ class GatewayProcess:
         return http_get(f"{self.admin_url}/metrics")[1].decode()
 
     def stop(self) -> int:
-        _stop(self.proc, timeout=40)
+        stop_process(self.proc, grace_s=40)
         if not self._log.closed:
             self._log.close()
         return self.proc.returncode

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine_nodes.local_stack import free_ports, stop_process
+
 ROOT = Path(__file__).resolve().parents[2]
 ROUTER_VENV = ROOT / ".venv-replay"
 ROUTER_PACKAGE = "sglang-router==0.3.2"
@@ -39,29 +39,6 @@ ROUTER_PACKAGE = "sglang-router==0.3.2"
 
 class StackError(RuntimeError):
     """A process of the stack failed to start or become ready."""
-
-
-def free_port_block(n: int) -> int:
-    """First of ``n`` consecutive ports free on 127.0.0.1 right now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
-        held: list[socket.socket] = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                held.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-    raise StackError("no block of free ports")
 
 
 def http_json(url: str, timeout: float = 2.0) -> object:
@@ -72,16 +49,6 @@ def http_json(url: str, timeout: float = 2.0) -> object:
 def http_text(url: str, timeout: float = 2.0) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return resp.read().decode()
-
-
-def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _wait(ready, proc: subprocess.Popen, what: str, log: Path, timeout_s: float) -> None:
@@ -119,7 +86,7 @@ class Replicas:
 
 @contextlib.contextmanager
 def simulator(spec: SimSpec, workdir: Path) -> Iterator[Replicas]:
-    base = free_port_block(spec.replicas)
+    base = free_ports(spec.replicas)
     log = workdir / f"sim-{base}.log"
     cmd = [
         sys.executable,
@@ -147,7 +114,7 @@ def simulator(spec: SimSpec, workdir: Path) -> Iterator[Replicas]:
             raise StackError(f"simulator failed to start: {line!r} {_tail(log)}")
         yield Replicas([f"http://127.0.0.1:{p}" for p in line.split()[1:]], proc.pid)
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @dataclass(frozen=True)
@@ -162,7 +129,7 @@ class Front:
 
 @contextlib.contextmanager
 def gateway(replicas: Replicas, policy: str, model: str, workdir: Path) -> Iterator[Front]:
-    port, admin = free_port_block(1), free_port_block(1)
+    port, admin = free_ports(1), free_ports(1)
     config = workdir / f"gateway-{port}.toml"
     endpoints = ", ".join(f'"{u}"' for u in replicas.urls)
     # Access log off and warnings only: sglang-router runs with --log-level warn as well, so
@@ -194,7 +161,7 @@ def gateway(replicas: Replicas, policy: str, model: str, workdir: Path) -> Itera
         _wait(ready, proc, "gateway", log, 30.0)
         yield Front(f"http://127.0.0.1:{port}", f"{admin_url}/metrics", proc.pid)
     finally:
-        _stop(proc, grace_s=40.0)
+        stop_process(proc, grace_s=40.0)
 
 
 def ensure_router_venv(log) -> Path:
@@ -216,7 +183,7 @@ def ensure_router_venv(log) -> Path:
 
 @contextlib.contextmanager
 def sglang_router(python: Path, replicas: Replicas, policy: str, workdir: Path) -> Iterator[Front]:
-    port, prometheus = free_port_block(1), free_port_block(1)
+    port, prometheus = free_ports(1), free_ports(1)
     log = workdir / f"sglang-router-{port}.log"
     # Its Prometheus listener is moved off the default port 29000, which another process may hold.
     cmd = [
@@ -250,7 +217,7 @@ def sglang_router(python: Path, replicas: Replicas, policy: str, workdir: Path) 
         _wait(ready, proc, "sglang-router", log, 60.0)
         yield Front(url, None, proc.pid)
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def scratch_dir() -> tempfile.TemporaryDirectory:
