@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_ports
+from engine_nodes.local_stack import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 20.0

@@ -31,7 +31,8 @@ import pytest
 from gateway.affinity import key_hash, prefix_hashes
 from gateway.ring import HashRing
 from gateway.settings import Routing
-from tests.conftest import ROOT, MODEL, GatewayProcess, Simulator, _stop, http_get, pool_toml
+from engine_nodes.local_stack import stop_process
+from tests.conftest import ROOT, MODEL, GatewayProcess, Simulator, http_get, pool_toml
 from tests.integration.test_errors import assert_openai_error, post
 
 pytestmark = pytest.mark.slow
@@ -260,7 +261,7 @@ def restart() -> Iterator:
 
     yield start
     for proc in procs:
-        _stop(proc)
+        stop_process(proc)
 
 
 def test_session_stays_on_one_engine_moves_to_its_ring_successor_on_a_crash_and_stays_after_rejoin(
