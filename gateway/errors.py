@@ -112,20 +112,22 @@ def upstream_failure(reason: str, detail: str) -> GatewayError:
 
 
 def engine_error_body(status: int, body: bytes) -> bytes:
-    """Pass an OpenAI-shaped engine error through; lift SGLang's / older vLLM's flat
-    ``{"object": "error", "message": ...}`` (or anything else) into OpenAI's shape."""
+    """An engine's error in OpenAI's shape: its message and param kept, ``type`` from OpenAI's
+    vocabulary by status, ``code`` a string or null. vLLM puts the numeric status in ``code`` and an
+    exception name in ``type``; SGLang and older vLLM answer flat ``{"object": "error", ...}``."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         doc = None
-    if isinstance(doc, dict):
-        if isinstance(doc.get("error"), dict) and "message" in doc["error"]:
-            return body
-        message = doc.get("message")
-    else:
-        message = None
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(error, dict):
+        error = doc if isinstance(doc, dict) else {}
+    message, param, code = error.get("message"), error.get("param"), error.get("code")
     type_ = "invalid_request_error" if status < 500 else "server_error"
-    return error_body(str(message or f"engine answered {status}"), type_, "upstream_error" if status >= 500 else None)
+    if not isinstance(code, str):
+        code = "upstream_error" if status >= 500 else None
+    return error_body(str(message or f"engine answered {status}"), type_, code,
+                      param if isinstance(param, str) else None)
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:

@@ -51,7 +51,8 @@ def estimate_tokens(prompt_bytes: int, max_tokens: int | None,
                     default_completion: int = DEFAULT_COMPLETION_ESTIMATE) -> int:
     """Tokens to charge at admission: about 4 bytes of text per prompt token, plus the completion
     budget the request asked for."""
-    return -(-prompt_bytes // 4) + (default_completion if max_tokens is None else max_tokens)
+    # Never below one token: a negative figure would refill the bucket instead of charging it.
+    return max(1, -(-prompt_bytes // 4) + (default_completion if max_tokens is None else max_tokens))
 
 
 class TokenBucket:

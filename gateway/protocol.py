@@ -51,8 +51,8 @@ class _Generation(msgspec.Struct, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     service_tier: str | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
     # Fields a deployment may name as session keys (routing.session_fields).
     user: str | None = None
     session_id: str | None = None
@@ -97,6 +97,8 @@ def _decode(decoder: msgspec.json.Decoder, body: bytes):
         raise GatewayError("invalid_json", f"request body is not valid JSON: {e}") from None
     except RecursionError:
         raise GatewayError("invalid_json", "request body is nested too deeply") from None
+    except UnicodeDecodeError:
+        raise GatewayError("invalid_json", "request body is not valid UTF-8") from None
 
 
 def check_media(request: ChatRequest, allowed_hosts: frozenset[str]) -> None:

@@ -144,8 +144,11 @@ class Connection(asyncio.Protocol):
         self.on_resume: Callable[[], None] | None = None
 
     def _release_body(self) -> None:
+        # Drop the chunks too: a closed connection is freed only by the cyclic GC (it and its
+        # parser refer to each other), and must not hold a refused body until then.
         self.server.buffered -= self._body_len
         self._body_len = 0
+        self._body = []
 
     def _reset_message(self) -> None:
         self._url = b""
@@ -253,15 +256,15 @@ class Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         size = len(body)
-        self._body_len += size
-        if self._body_len > self.server.limits.max_body_bytes:
-            raise _Reject(GatewayError(
-                "request_too_large", f"request body exceeds {self.server.limits.max_body_bytes} bytes"))
         server = self.server
+        if self._body_len + size > server.limits.max_body_bytes:
+            raise _Reject(GatewayError(
+                "request_too_large", f"request body exceeds {server.limits.max_body_bytes} bytes"))
         # Bodies still arriving share one budget, so many slow or chunked uploads cannot take the
         # process's memory to max_connections x max_body_bytes.
         if server.buffered + size > server.limits.max_buffered_body_bytes:
             raise _Reject(GatewayError("server_busy", "too many request bodies arriving at once; retry"))
+        self._body_len += size
         server.buffered += size
         self._body.append(body)
 

@@ -85,7 +85,7 @@ class Limits(_Section):
     max_headers: int = 100
     max_connections: int = 20000
     # Request body bytes all connections together may hold while bodies are still arriving (503 past it).
-    max_buffered_body_bytes: int = 32 * 1024 * 1024
+    max_buffered_body_bytes: int = 16 * 1024 * 1024
     # Idle keep-alive connections kept per endpoint.
     upstream_idle_per_endpoint: int = 256
     # Attempts per request (first try + retries on other endpoints, before commit only).

@@ -34,8 +34,8 @@ class SseCheck:
         for line in lines:
             if line and not line.startswith(FIELDS):
                 return False
-        if data.isascii():
-            return True
+        if data.isascii() and not self._utf8.getstate()[0]:
+            return True  # no multi-byte sequence is pending from the previous read
         try:
             self._utf8.decode(data)
         except UnicodeDecodeError:
