@@ -189,8 +189,11 @@ class Connection(asyncio.Protocol):
             self.reject(r.error)
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
-            self.reject(cause.error if isinstance(cause, _Reject)
-                        else GatewayError("bad_http", "malformed HTTP request"))
+            error = cause.error if isinstance(cause, _Reject) else GatewayError("bad_http", "malformed HTTP request")
+            # The _Reject's traceback reaches back to this frame: holding it here would make a cycle
+            # that keeps this read and the refused body alive until the cyclic GC runs.
+            del cause
+            self.reject(error)
         except httptools.HttpParserUpgrade:
             self.reject(GatewayError("bad_http", "protocol upgrade is not supported"))
         except httptools.HttpParserError as e:
