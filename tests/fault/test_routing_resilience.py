@@ -330,14 +330,7 @@ def test_shared_system_prompts_land_on_their_prefix_holders_while_in_flight_stay
     rng = random.Random(11)
     jobs = iter([system_prompt_chat(rng.randrange(10), i) for i in range(1000)])
 
-    async def run() -> tuple[list[Answer], list[dict[str, dict]]]:
-        stop = asyncio.Event()
-        sampler = asyncio.create_task(sample_in_flight(gw.admin_url, stop))
-        answers = await drive(f"{gw.url}/v1/chat/completions", jobs, LOCALITY_CLIENTS)
-        stop.set()
-        return answers, await sampler
-
-    answers, snapshots = asyncio.run(run())
+    answers, snapshots = asyncio.run(drive_sampling_in_flight(gw, jobs))
     assert [a.status for a in answers] == [200] * 1000
 
     branches = decisions(gw)
@@ -353,6 +346,15 @@ def test_shared_system_prompts_land_on_their_prefix_holders_while_in_flight_stay
 
     ratio = balance(snapshots, busy=int(0.75 * LOCALITY_CLIENTS))
     assert ratio <= 1.3, ratio
+
+
+async def drive_sampling_in_flight(gw, jobs) -> tuple[list[Answer], list[dict[str, dict]]]:
+    """Drive ``jobs`` through the gateway while sampling every replica's in-flight count."""
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(sample_in_flight(gw.admin_url, stop))
+    answers = await drive(f"{gw.url}/v1/chat/completions", jobs, LOCALITY_CLIENTS)
+    stop.set()
+    return answers, await sampler
 
 
 def test_holder_pushed_past_its_load_bound_by_a_slow_engine_overflows_to_other_engines(simulator, gateway):
@@ -373,14 +375,7 @@ def test_holder_pushed_past_its_load_bound_by_a_slow_engine_overflows_to_other_e
     jobs = iter([system_prompt_chat(0 if i % 2 else rng.randrange(1, 10), i) for i in range(400)])
     before = decisions(gw)
 
-    async def run() -> tuple[list[Answer], list[dict[str, dict]]]:
-        stop = asyncio.Event()
-        sampler = asyncio.create_task(sample_in_flight(gw.admin_url, stop))
-        answers = await drive(f"{gw.url}/v1/chat/completions", jobs, LOCALITY_CLIENTS)
-        stop.set()
-        return answers, await sampler
-
-    answers, snapshots = asyncio.run(run())
+    answers, snapshots = asyncio.run(drive_sampling_in_flight(gw, jobs))
     assert [a.status for a in answers] == [200] * 400
     after = decisions(gw)
     assert after["overflow"] - before["overflow"] >= 1, after

@@ -104,9 +104,9 @@ def test_debt_is_floored_so_no_wait_exceeds_two_minutes():
 
 def test_settle_without_usage_keeps_the_estimate():
     limiter, key = Limiter(), KeyRecord(key_id="k", tpm=1000)
-    limiter.settle(limiter.admit(key, 600, 0.0), None, 0.0)
-    refusal(limiter, key, 500, 0.0)
-    limiter.admit(key, 400, 0.0)
+    assert limiter.settle(limiter.admit(key, 600, 0.0), None, 0.0) is True
+    assert refusal(limiter, key, 500, 0.0).retry_after_s > 0  # 400 tokens left, not the 1000 of no charge
+    assert not limiter.admit(key, 400, 0.0).settled
 
 
 def test_concurrency_slot_is_returned_exactly_once_even_if_settle_is_called_twice():
