@@ -297,7 +297,7 @@ def test_engine_crash_reroutes_unstarted_requests_and_ends_its_running_streams_w
 
 def test_engine_hang_errors_streams_within_idle_timeout_then_ejects_and_readmits_it_after_ejection_slowly(
         simulator, gateway):
-    """Scenario 2: SIGSTOP one of four engines while it streams, SIGCONT it once ejected.
+    """Scenario 2: SIGSTOP one of four engines while it streams, SIGCONT it once ejected and stalled.
 
     Its streams end with the error event within ``idle_s`` + 1 s of the stop; requests it had not
     answered yet time out after ``first_byte_s`` and succeed elsewhere. Three consecutive failures
@@ -322,6 +322,9 @@ def test_engine_hang_errors_streams_within_idle_timeout_then_ejects_and_readmits
                 ejected = eventually(lambda: (e := admin_endpoints(gw)[hung])["ejected_for_s"] > 0 and e,
                                      IDLE_S + 3, "the hung engine's ejection")
                 ejected_seen_at = time.monotonic()
+                # Three first-byte timeouts of requests written just before the stop can eject it a
+                # little before its streams' idle timers fire; resuming then would un-stall them.
+                pause_until(stopped_at + IDLE_S + 0.5)
             finally:
                 os.kill(victim.proc.pid, signal.SIGCONT)
             # Each poll of /admin/endpoints, stamped before the request and (monotonic and wall) after
