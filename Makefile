@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
 ENGINES := sglang==0.5.23 vllm==0.33.0
 
-.PHONY: run test loadtest bench clean
+.PHONY: run test loadtest bench bench-streams clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ loadtest: $(VENV)/.test
 # installs wrk, nginx and the routers itself).
 bench: $(VENV)/.runtime
 	$(PY) -m loadtests.bench_overhead
+
+# 10,000 concurrent open streams through the gateway (two workers), RSS per stream; about a minute.
+bench-streams: $(VENV)/.runtime
+	$(PY) -m loadtests.bench_streams
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
