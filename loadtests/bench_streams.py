@@ -233,18 +233,18 @@ def verdict(r: dict) -> list[str]:
 
 def report(r: dict, problems: list[str]) -> str:
     rows = [
-        ("open streams held", f"{r['flowing_at_end_of_hold']:,} of {r['streams']:,} "
-                              f"(gateway --workers {r['workers']}, hold {r['hold_s']:g} s)"),
+        ("open streams held", (f"{r['flowing_at_end_of_hold']:,} of {r['streams']:,} "
+                              f"(gateway --workers {r['workers']}, hold {r['hold_s']:g} s)")),
         ("time to open all", f"{r['open_s']} s"),
-        ("errors", f"refused {sum(r['refused'].values())}, error events {r['error_events']}, "
-                   f"dropped {r['dropped']}, connect failed {r['connect_failed']}"),
+        ("errors", (f"refused {sum(r['refused'].values())}, error events {r['error_events']}, "
+                   f"dropped {r['dropped']}, connect failed {r['connect_failed']}")),
         ("gateway RSS idle / held / peak", f"{r['rss_idle_mib']} / {r['rss_held_mib']} / {r['rss_peak_mib']} MiB"),
         ("**RSS per open stream**", f"**{r['rss_per_stream_kib']} KiB**"),
         ("gateway open sockets idle / peak / after close",
          f"{r['sockets_idle']} / {r['sockets_peak']:,} / {r['sockets_after_close']}"),
         ("gateway RSS after close", f"{r['rss_after_close_mib']} MiB"),
-        ("gateway CPU while holding", f"{r['cpu_s_per_s_during_hold']} s/s "
-                                      f"({r['streams'] * 1000 / r['token_ms']:,.0f} events/s relayed)"),
+        ("gateway CPU while holding", (f"{r['cpu_s_per_s_during_hold']} s/s "
+                                      f"({r['streams'] * 1000 / r['token_ms']:,.0f} events/s relayed)")),
     ]
     lines = ["| measure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
     lines.append("\nPASS: every stream held without error and released" if not problems
@@ -265,7 +265,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
     if args.streams + 64 > hard:
         print(f"bench_streams: {args.streams} client sockets exceed this process's open-file limit {hard}",
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="bench-streams-") as tmp:
             workdir = Path(tmp)
-            backend, backend_port = start_backend(started, workdir, ports, args.token_ms, cpus)
+            _backend, backend_port = start_backend(started, workdir, ports, args.token_ms, cpus)
             port = free_port(ports)
             endpoints = [f"http://127.0.0.1:{backend_port}", f"http://127.0.0.1:{backend_port + 1}"]
             config = workdir / "gateway.toml"

@@ -25,7 +25,7 @@ def test_bench_streams_holds_every_stream_open_through_the_gateway_and_releases_
     done = subprocess.run(
         [sys.executable, "-m", "loadtests.bench_streams", "--streams", str(STREAMS), "--workers", "2",
          "--hold", "2", "--token-ms", "500", "--results-dir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, f"bench_streams exited {done.returncode}:\n{done.stdout}\n{done.stderr[-3000:]}"
     (path,) = tmp_path.glob("bench_streams-*.json")
     result = json.loads(path.read_text())
