@@ -9,7 +9,9 @@ For each trace (Mooncake FAST'25 synthetic, hh-rlhf sessions; ``../shared/traces
 1. **Workload** (``replay_lib/workload.py``): sample and scale the trace, turn each ``hash_id`` into
    a fixed block of text (equal ids, equal text) and render one request body per trace request.
 2. **Oracles** (``replay_lib/oracle.py``): the hit ratio of one shared cache, unlimited and of the
-   pool's total KV size, over the very pages the simulator will key.
+   pool's total KV size, over the very pages the simulator will key. After the run, for information,
+   a third one: the shared cache of the room that running requests left free under our gateway
+   (each replica's mean ``kv_private_tokens`` taken off), since the same-size oracle pins nothing.
 3. **Targets**, each on a fresh simulator process (cold caches, zeroed counters) with one router in
    front (``replay_lib/stack.py``): our gateway with the ``prefix`` policy, our gateway with
    ``round_robin`` (baseline), and sglang-router 0.3.2 (``cache_aware`` and ``round_robin``,
@@ -209,7 +211,17 @@ def run_trace(
     )
     ours = next((r for r in rows if r.target == "gateway:prefix"), None)
     verdicts: list[tuple[str, bool | None]] = []
+    room_oracle = None
     if ours is not None:
+        # Informational, not a target: what one shared cache reaches in the room running requests
+        # left free under our routing (the same-size oracle pins nothing).
+        room = max(1, round(scenario.cache_tokens - ours.mean_private_kv))
+        room_oracle = shared_cache_oracles(items, MODEL, PROFILE.page_size, replicas * room).same_size
+        print(
+            f"oracle, shared LRU cache of the room running requests left under gateway:prefix "
+            f"({replicas} x {room} tokens, mean): hit ratio {room_oracle:.3f}"
+            + (f"; gateway:prefix reached {100 * ours.hit_ratio / room_oracle:.1f}% of it" if room_oracle else "")
+        )
         rivals = [r for r in rows if r.target.startswith("sglang:")]
         verdicts = report.verdicts(ours, rivals)
         for text, ok in verdicts:
@@ -226,6 +238,7 @@ def run_trace(
         "header": header,
         "scenario": asdict(scenario),
         "oracle": asdict(oracle),
+        "room_oracle_same_size": room_oracle,
         "targets": [report.as_json(r) for r in rows],
         "failures": failures,
         "verdicts": [{"check": t, "pass": ok} for t, ok in verdicts],

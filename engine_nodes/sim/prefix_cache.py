@@ -56,6 +56,11 @@ class PageCache:
     def indexed_pages(self) -> int:
         return len(self._refs)
 
+    @property
+    def private_pages(self) -> int:
+        """Pages running requests own that no other request can hit: uncomputed prompt, output room."""
+        return self.capacity_pages - self.free_pages - len(self._refs)
+
     def match(self, keys: list[int], limit: int) -> int:
         """Number of leading keys (at most ``limit``) whose pages are indexed."""
         refs = self._refs

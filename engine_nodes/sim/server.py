@@ -542,6 +542,7 @@ class Replica:
             "kv_used_tokens": self.cache.used_pages * self.cache.page_size,
             "kv_capacity_tokens": self.cache.capacity_tokens,
             "cached_pages": self.cache.indexed_pages,
+            "kv_private_tokens": self.cache.private_pages * self.cache.page_size,
             "evicted_pages": self.cache.stats.evicted_pages,
             "prefix_query_tokens": self.cache.stats.query_tokens,
             "prefix_hit_tokens": self.cache.stats.hit_tokens,

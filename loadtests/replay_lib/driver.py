@@ -16,8 +16,9 @@ and total latency, and reads ``usage.prompt_tokens`` and ``usage.prompt_tokens_d
 an error unless it answered 200 and ended with ``[DONE]``.
 
 While the replay runs, a sampler reads every replica's ``/sim/stats`` every ``interval_s`` and keeps
-``running + waiting`` per replica: the load spread (max over mean per interval) is computed from
-these samples. Cost: one small GET per replica per interval, on the client's event loop.
+``running + waiting`` per replica, from which the load spread (max over mean per interval) is
+computed, and the KV tokens running requests hold privately (``kv_private_tokens``: room no prefix
+can be cached in). Cost: one small GET per replica per interval, on the client's event loop.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Outcome:
 class LoadSamples:
     times: list[float] = field(default_factory=list)
     loads: list[list[int]] = field(default_factory=list)  # per sample: running + waiting per replica
+    private_kv: list[list[int]] = field(default_factory=list)  # per sample: kv_private_tokens per replica
 
 
 @dataclass
@@ -153,6 +155,7 @@ async def _sample(
             continue
         samples.times.append(loop.time() - start)
         samples.loads.append([s["running"] + s["waiting"] for s in stats])
+        samples.private_kv.append([s["kv_private_tokens"] for s in stats])
 
 
 async def _stats(session: aiohttp.ClientSession, url: str) -> dict:

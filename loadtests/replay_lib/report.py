@@ -9,6 +9,9 @@
 - **load spread**: per sample, max over mean of the replicas' running + waiting requests, averaged
   over the samples whose mean is positive, taken while requests arrive (the drain after the last
   arrival is left out: its few stragglers say nothing about balance); p90 as well.
+- **private KV**: the KV tokens per replica that running requests hold and nobody can hit
+  (uncomputed prompt pages, room reserved for output), mean over the same samples. The same-size
+  oracle pins nothing; ``replay.py`` also prints the oracle for the room this leaves.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class TargetSummary:
     spread_mean: float
     spread_p90: float
     mean_busy: float  # running + waiting per replica, mean over the samples while requests arrive
+    mean_private_kv: float  # kv_private_tokens per replica, mean over the same samples
     wall_s: float
     max_lateness_ms: float
     replica_hit_rates: list[float] = field(default_factory=list)  # each replica's sglang:cache_hit_rate
@@ -65,6 +69,13 @@ def load_spread(samples: LoadSamples, until_s: float) -> tuple[float, float, flo
     if not ratios:
         return math.nan, math.nan, 0.0
     return sum(ratios) / len(ratios), percentile(ratios, 90), sum(means) / len(means)
+
+
+def mean_private_kv(samples: LoadSamples, until_s: float) -> float:
+    """KV tokens running requests held privately, per replica, mean over the samples until ``until_s``."""
+    per_sample = [sum(kv) / len(kv) for t, kv in zip(samples.times, samples.private_kv, strict=True)
+                  if t <= until_s and kv]
+    return sum(per_sample) / len(per_sample) if per_sample else 0.0
 
 
 def summarise(
@@ -99,6 +110,7 @@ def summarise(
         spread_mean=spread,
         spread_p90=spread_p90,
         mean_busy=busy,
+        mean_private_kv=mean_private_kv(samples, arrivals_end_s),
         wall_s=wall_s,
         max_lateness_ms=max((o.lateness_s for o in outcomes), default=0.0) * 1000,
         replica_hit_rates=replica_hit_rates,

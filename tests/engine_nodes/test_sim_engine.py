@@ -66,6 +66,17 @@ def test_referenced_pages_are_never_evicted_and_admission_is_all_or_nothing():
     assert cache.free_pages == 2 and cache.used_pages == 2
 
 
+def test_private_pages_are_those_running_requests_own_and_nobody_can_hit():
+    cache = PageCache(8, 16)
+    assert cache.try_admit([1, 2, 3], 0, 4)  # three prompt pages, one page of output room
+    assert cache.private_pages == 4
+    cache.publish(1)
+    cache.publish(2)
+    assert cache.private_pages == 2 and cache.used_pages == 4  # computed pages are hittable now
+    cache.release([1, 2], 2)
+    assert cache.private_pages == 0 and cache.indexed_pages == 2
+
+
 def test_eviction_takes_least_recently_released_leaves_first():
     cache = PageCache(4, 16)
     assert cache.try_admit([1, 2], 0, 2)
