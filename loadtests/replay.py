@@ -64,7 +64,8 @@ if __package__ in (None, ""):
 
 from engine_nodes import profiles
 from loadtests.replay_lib import report, stack
-from loadtests.replay_lib.driver import engine_counters, engine_metric, replay
+from loadtests.replay_lib.driver import engine_counters, engine_metric, engine_requests, replay
+from loadtests.replay_lib.loss import hit_loss, placements
 from loadtests.replay_lib.oracle import shared_cache_oracles
 from loadtests.replay_lib.workload import (
     HH_BLOCK_TOKENS,
@@ -229,6 +230,8 @@ def run_trace(
         if router_problem:
             print(f"note: {router_problem}")
     for r in rows:
+        if r.hit_loss is not None:
+            print(f"{r.target} hit ratio step by step (replay_lib/loss.py): {r.hit_loss.line()}")
         if r.branches:
             shown = ", ".join(f"{k}={v:.0f}" for k, v in sorted(r.branches.items()))
             print(f"{r.target} routing branches: {shown}")
@@ -267,6 +270,8 @@ def _run_target(
             branches = _gateway_branches(front.metrics_url) if kind == "gateway" else {}
             engine_stats = asyncio.run(engine_counters(reps.urls))
             hit_rates = asyncio.run(engine_metric(reps.urls, "sglang:cache_hit_rate"))
+            logs = asyncio.run(engine_requests(reps.urls, 2 * len(items)))
+    loss = hit_loss(items, result.outcomes, placements(items, logs), PROFILE.page_size, MODEL)
     return report.summarise(
         target,
         result.outcomes,
@@ -277,6 +282,7 @@ def _run_target(
         hit_rates,
         oracle,
         branches,
+        loss,
     )
 
 

@@ -45,6 +45,7 @@ class Outcome:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     lateness_s: float = 0.0
+    sent_at: float = 0.0  # time.perf_counter() when the request was sent
 
 
 @dataclass
@@ -92,6 +93,10 @@ async def replay(
     return ReplayResult(list(outcomes), samples, wall)
 
 
+def request_id(index: int) -> str:
+    return f"replay-{index}"
+
+
 async def _send(
     session: aiohttp.ClientSession,
     front_url: str,
@@ -104,8 +109,9 @@ async def _send(
         # A chat turn needs the previous answer: it waits for it, however early its trace time.
         await asyncio.shield(after)
     out = Outcome(index, lateness_s=lateness)
-    sent = time.perf_counter()
-    headers = {"Content-Type": "application/json", **item.headers}
+    out.sent_at = sent = time.perf_counter()
+    # The request id lets replay_lib/loss.py find the replica that served it in /sim/requests.
+    headers = {"Content-Type": "application/json", "X-Request-Id": request_id(index), **item.headers}
     finished = False
     try:
         async with session.post(front_url + item.path, data=item.body, headers=headers) as resp:
@@ -167,6 +173,17 @@ async def engine_counters(urls: list[str]) -> list[dict]:
     """Each replica's ``/sim/stats`` (prefix hit and query tokens, completions, ...)."""
     async with aiohttp.ClientSession() as session:
         return list(await asyncio.gather(*(_stats(session, u) for u in urls)))
+
+
+async def engine_requests(urls: list[str], limit: int) -> list[list[dict]]:
+    """Each replica's request log (``/sim/requests``), oldest first, up to ``limit`` records."""
+    async with aiohttp.ClientSession() as session:
+        return list(await asyncio.gather(*(_json(session, f"{u}/sim/requests?limit={limit}") for u in urls)))
+
+
+async def _json(session: aiohttp.ClientSession, url: str) -> list[dict]:
+    async with session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+        return await resp.json(loads=orjson.loads)
 
 
 async def engine_metric(urls: list[str], name: str) -> list[float]:

@@ -20,6 +20,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from loadtests.replay_lib.driver import LoadSamples, Outcome
+from loadtests.replay_lib.loss import HitLoss
 from loadtests.replay_lib.oracle import OracleResult
 
 HIT_TARGET = 0.95  # of the same-size oracle
@@ -47,6 +48,7 @@ class TargetSummary:
     replica_work: list[dict[str, int]] = field(default_factory=list)
     error_examples: list[str] = field(default_factory=list)
     branches: dict[str, float] = field(default_factory=dict)
+    hit_loss: HitLoss | None = None  # the hit ratio taken apart (loss.py)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -88,6 +90,7 @@ def summarise(
     replica_hit_rates: list[float],
     oracle: OracleResult,
     branches: dict[str, float],
+    hit_loss: HitLoss | None = None,
 ) -> TargetSummary:
     ok = [o for o in outcomes if o.error is None]
     prompt = sum(o.prompt_tokens for o in ok)
@@ -125,6 +128,7 @@ def summarise(
         ],
         error_examples=sorted(set(errors))[:3],
         branches=branches,
+        hit_loss=hit_loss,
     )
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from loadtests.replay_lib.driver import Outcome, request_id
+from loadtests.replay_lib.loss import hit_loss, placements
 from loadtests.replay_lib.oracle import prompt_bytes, shared_cache_oracles
 from loadtests.replay_lib.workload import BlockText, Rendered, Shaping, TraceRequest, load_sessions, render
 
@@ -57,6 +59,34 @@ def test_oracle_counts_shared_pages_and_evicts_beyond_capacity():
     assert roomy.unlimited == roomy.same_size == pytest.approx(240 / 1024)
     assert tight.same_size == 0.0
     assert tight.unlimited == roomy.unlimited
+
+
+def test_hit_loss_separates_placement_timing_and_eviction():
+    # One 256-token prompt sent three times: first to replica 0 (prefilled by t=1.0), then to replica
+    # 1 at t=0.5, then to replica 0 at t=0.6, before the first prefill is done. A repeat hits every
+    # page but the one with its last token: 240 tokens. The engines reported 0 and 0 hits, then 240.
+    text = BlockText("mooncake", 128)
+    items = render([_completion((1, 2), 256)] * 3, text, MODEL)
+    outcomes = [Outcome(0, status=200, ttft_s=1.0, prompt_tokens=256, sent_at=0.0),
+                Outcome(1, status=200, ttft_s=1.0, prompt_tokens=256, sent_at=0.5),
+                Outcome(2, status=200, ttft_s=0.1, prompt_tokens=256, cached_tokens=240, sent_at=0.6)]
+
+    def record(i: int, named: bool) -> dict:
+        headers = {"x-request-id": request_id(i)} if named else {}
+        return {"finished": True, "headers": headers, "body": json.dumps({"prompt": items[i].prompt_text})}
+
+    by_id = placements(items, [[record(0, True), record(2, True)], [record(1, True)]])
+    assert by_id == [0, 1, 0]
+    # Without ids, equal prompts are matched in order: still one replica per request.
+    assert sorted(placements(items, [[record(0, False), record(2, False)], [record(1, False)]])) == [0, 0, 1]
+    loss = hit_loss(items, outcomes, by_id, 16, MODEL)
+    assert loss.requests == 3
+    assert loss.unlimited == pytest.approx(480 / 768)  # both repeats, anywhere
+    assert loss.same_replica == pytest.approx(240 / 768)  # only the third, on the first's replica
+    assert loss.prefilled == 0.0  # ... whose prefill was not done when the third was sent
+    # The engine's own count is reported as is: engines publish pages chunk by chunk during a
+    # prefill, so it may exceed "prefilled".
+    assert loss.actual == pytest.approx(240 / 768)
 
 
 def test_session_turns_render_as_a_growing_chat_with_a_session_header():
