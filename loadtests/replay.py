@@ -20,8 +20,9 @@ For each trace (Mooncake FAST'25 synthetic, hh-rlhf sessions; ``../shared/traces
    simulator's ``--speed`` so the engines see trace time; streaming, with usage.
 5. **Report** (``replay_lib/report.py``): a markdown table per trace, the oracle lines, PASS/FAIL for
    the issue's targets (hit ratio >= 95% of the same-size oracle, load spread <= 1.3, TTFT p99
-   below both sglang-router policies), our gateway's routing branches, and a JSON record in
-   ``loadtests/results/replay-<timestamp>.json``.
+   below both sglang-router policies), each target's hit ratio taken apart into placement, timing
+   and eviction losses (``replay_lib/loss.py``), our gateway's routing branches, and a JSON record
+   in ``loadtests/results/replay-<timestamp>.json``.
 
 Why the scenarios below look as they do. The machine has 2 cores for clients, routers and 8
 simulated replicas, and the whole benchmark must take under 10 minutes, so each target replays for
