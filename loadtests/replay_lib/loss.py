@@ -97,6 +97,7 @@ def placements(items: Sequence[Rendered], replica_logs: Sequence[Sequence[dict]]
 
 def hit_loss(items: Sequence[Rendered], outcomes: Sequence[Outcome], where: Sequence[int | None],
              page_size: int, model: str) -> HitLoss:
+    """The four hit ratios of the module docstring, over the successful requests ``where`` places."""
     salt = tokens.model_salt(model)
     counted = [i for i, o in enumerate(outcomes)
                if o.error is None and o.ttft_s is not None and o.prompt_tokens and where[i] is not None]
