@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
 ENGINES := sglang==0.5.23 vllm==0.33.0
 
-.PHONY: run test loadtest bench bench-streams clean
+.PHONY: run test loadtest bench bench-streams profile clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ bench: $(VENV)/.runtime
 # 10,000 concurrent open streams through the gateway (two workers), RSS per stream; about a minute.
 bench-streams: $(VENV)/.runtime
 	$(PY) -m loadtests.bench_streams
+
+# Where the gateway's CPU goes under load: a py-spy profile folded by request-path stage (~30 s).
+profile: $(VENV)/.runtime
+	$(PIP) -e '.[profile]'
+	command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q wrk >/dev/null)
+	$(PY) -m loadtests.profile_overhead
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

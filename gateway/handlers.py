@@ -13,9 +13,11 @@ happened.
 
 from __future__ import annotations
 
+import itertools
 import re
 import secrets
 import time
+from collections.abc import Iterator
 
 import orjson
 
@@ -54,6 +56,7 @@ class Handlers:
         self.lifecycle = lifecycle
         self.models = models
         self.public_metrics = public_metrics
+        self._request_ids = _request_ids()
         self._models_body = orjson.dumps({"object": "list", "data": [
             {"id": m, "object": "model", "created": 0, "owned_by": "edge-gateway"} for m in models]})
 
@@ -88,7 +91,7 @@ class Handlers:
     def _begin(self, request: Request, route: str) -> Call:
         rid = request.header(b"x-request-id")
         if rid is None or not _REQUEST_ID.match(rid):
-            rid = secrets.token_hex(12).encode()
+            rid = next(self._request_ids)
         call = Call(route, request.path, rid, request.received_at)
         call.body = request.body
         return call
@@ -144,6 +147,16 @@ class Handlers:
 
     async def not_found(self, request: Request, conn: Connection) -> None:
         raise GatewayError("not_found", f"no such path: {request.path.decode('latin-1')[:200]}")
+
+
+def _request_ids() -> Iterator[bytes]:
+    """Ids for requests that bring none: 64 random bits per process, then a counter (24 hex digits).
+
+    Unique across processes and restarts like a random id, without a getrandom call per request
+    (profiled at about 3 % of the gateway's CPU). Ids only name requests; nothing trusts them.
+    """
+    prefix = secrets.token_hex(8)
+    return (f"{prefix}{n:08x}".encode() for n in itertools.count())
 
 
 def _decode_completion(body: bytes):

@@ -85,13 +85,14 @@ def test_request_bytes_reach_the_engine_unchanged(stack):
     assert seen[0]["headers"]["authorization"] == "Bearer engine-secret"
 
 
-def test_request_id_is_generated_when_the_client_sends_none(stack):
+def test_a_distinct_request_id_is_generated_when_the_client_sends_none(stack):
     sim, gw = stack
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)
-    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=2)
-    rid = raw.headers["x-request-id"]
-    assert len(rid) >= 16
-    assert any(r["headers"].get("x-request-id") == rid for i in range(2) for r in sim.requests(i))
+    rids = [client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+            .headers["x-request-id"] for _ in range(2)]
+    assert all(len(rid) >= 16 for rid in rids)
+    assert rids[0] != rids[1]
+    assert any(r["headers"].get("x-request-id") == rids[0] for i in range(2) for r in sim.requests(i))
 
 
 def test_models_lists_every_configured_model_in_openai_shape(stack):
