@@ -45,6 +45,32 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def client_sockets(pid: int, port: int) -> int:
+    """Connections to its listening ``port`` that process ``pid`` holds open: its client fds.
+
+    Matches the socket inodes among the process's fds against the kernel's TCP tables, so the
+    gateway's own other sockets (health checks, scrapes, upstream) do not count.
+    """
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    held = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for row in f:
+                fields = row.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] != "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    held += 1
+    return held
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -236,15 +262,20 @@ def test_connection_that_sends_nothing_is_closed_within_the_header_deadline(stac
     assert closed, f"still open {time.monotonic() - start:.1f}s later (deadline {READ_S}s)"
 
 
-def test_connections_over_the_cap_are_closed_at_once_and_fds_stay_under_the_cap(simulator, gateway):
+def test_connections_over_the_cap_are_closed_at_once_and_client_fds_stay_under_the_cap(simulator, gateway):
     """Scenario 13: with the cap at 100 client connections, 150 dripping connections leave the gateway
-    holding at most 100 of them; the other 50 are closed as soon as they connect."""
+    holding at most 100 of them; the other 50 are closed as soon as they connect.
+
+    Client fds are counted exactly (``client_sockets``): a count of all the gateway's fds also moves
+    with its health-check and scrape connections, which open and close on their own schedule. One
+    more than the cap may show for an instant: a connection over the cap is accepted, then closed
+    in the same callback, and the sampler can read /proc in between.
+    """
     sim = simulator("sglang")
     gw = gateway(FAST_HEALTH + f"[timeouts]\nrequest_read_s = {READ_S}\n[limits]\nmax_connections = 100\n"
                  + pool_toml("s", "sglang", "interactive", sim.urls))
     pid = gw.proc.pid
-    base = open_fds(pid)
-    fds = Sampler(lambda: open_fds(pid))
+    fds = Sampler(lambda: client_sockets(pid, gw.port))
     fds.start()
     attack = Slowloris(gw.port, 150, give_up_s=READ_S + 8)
     attack.start()
@@ -254,7 +285,7 @@ def test_connections_over_the_cap_are_closed_at_once_and_fds_stay_under_the_cap(
     assert len(lifetimes) == 150
     assert lifetimes[49] < 0.5, "the 50 connections over the cap were not closed at once"
     assert lifetimes[50] > READ_S - 0.5, "connections under the cap should live until their deadline"
-    assert peak - base <= 100
+    assert 100 <= peak <= 101
 
 
 def send_oversized_body(port: int) -> tuple[bytes, int]:
