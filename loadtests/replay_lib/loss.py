@@ -44,16 +44,26 @@ from loadtests.replay_lib.workload import Rendered
 
 
 @dataclass(frozen=True)
+class Placement:
+    """The replica that served each request (None: no finished record, e.g. an error)."""
+
+    where: list[int | None]
+    by_prompt: int  # of them, placed by matching prompts: the router did not pass the request id on
+
+
+@dataclass(frozen=True)
 class HitLoss:
     unlimited: float
     same_replica: float
     prefilled: float
     actual: float
     requests: int  # the successful requests with a known replica, which all four count
+    by_prompt: int  # Placement.by_prompt
 
     def line(self) -> str:
         return (f"unlimited {self.unlimited:.3f} -> same replica {self.same_replica:.3f} -> prefilled "
-                f"{self.prefilled:.3f} -> actual {self.actual:.3f}")
+                f"{self.prefilled:.3f} -> actual {self.actual:.3f} ({self.requests} requests, "
+                f"{self.by_prompt} placed by prompt)")
 
 
 def _prompt_key(item: Rendered) -> Hashable:
@@ -71,8 +81,8 @@ def _record_key(record: dict) -> Hashable:
     return body.get("prompt")
 
 
-def placements(items: Sequence[Rendered], replica_logs: Sequence[Sequence[dict]]) -> list[int | None]:
-    """The replica that served each item to its end (None: no finished record, e.g. an error)."""
+def placements(items: Sequence[Rendered], replica_logs: Sequence[Sequence[dict]]) -> Placement:
+    """Which replica served each item to its end, from the replicas' request logs."""
     by_id = {request_id(i): i for i in range(len(items))}
     where: list[int | None] = [None] * len(items)
     unnamed: list[tuple[int, dict]] = []
@@ -89,15 +99,18 @@ def placements(items: Sequence[Rendered], replica_logs: Sequence[Sequence[dict]]
     for i, item in enumerate(items):
         if where[i] is None:
             waiting[_prompt_key(item)].append(i)
+    by_prompt = 0
     for replica, record in unnamed:
         if queue := waiting.get(_record_key(record)):
             where[queue.popleft()] = replica
-    return where
+            by_prompt += 1
+    return Placement(where, by_prompt)
 
 
-def hit_loss(items: Sequence[Rendered], outcomes: Sequence[Outcome], where: Sequence[int | None],
+def hit_loss(items: Sequence[Rendered], outcomes: Sequence[Outcome], placement: Placement,
              page_size: int, model: str) -> HitLoss:
-    """The four hit ratios of the module docstring, over the successful requests ``where`` places."""
+    """The four hit ratios of the module docstring, over the successful requests with a replica."""
+    where = placement.where
     salt = tokens.model_salt(model)
     counted = [i for i, o in enumerate(outcomes)
                if o.error is None and o.ttft_s is not None and o.prompt_tokens and where[i] is not None]
@@ -137,4 +150,5 @@ def hit_loss(items: Sequence[Rendered], outcomes: Sequence[Outcome], where: Sequ
     def ratio(hits: int) -> float:
         return hits / total if total else math.nan
 
-    return HitLoss(ratio(unlimited), ratio(same_replica), ratio(prefilled), ratio(actual), len(counted))
+    return HitLoss(ratio(unlimited), ratio(same_replica), ratio(prefilled), ratio(actual), len(counted),
+                   placement.by_prompt)

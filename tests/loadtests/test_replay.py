@@ -76,11 +76,12 @@ def test_hit_loss_separates_placement_timing_and_eviction():
         return {"finished": True, "headers": headers, "body": json.dumps({"prompt": items[i].prompt_text})}
 
     by_id = placements(items, [[record(0, True), record(2, True)], [record(1, True)]])
-    assert by_id == [0, 1, 0]
+    assert by_id.where == [0, 1, 0] and by_id.by_prompt == 0
     # Without ids, equal prompts are matched in order: still one replica per request.
-    assert sorted(placements(items, [[record(0, False), record(2, False)], [record(1, False)]])) == [0, 0, 1]
+    by_prompt = placements(items, [[record(0, False), record(2, False)], [record(1, False)]])
+    assert sorted(by_prompt.where) == [0, 0, 1] and by_prompt.by_prompt == 3
     loss = hit_loss(items, outcomes, by_id, 16, MODEL)
-    assert loss.requests == 3
+    assert loss.requests == 3 and loss.by_prompt == 0
     assert loss.unlimited == pytest.approx(480 / 768)  # both repeats, anywhere
     assert loss.same_replica == pytest.approx(240 / 768)  # only the third, on the first's replica
     assert loss.prefilled == 0.0  # ... whose prefill was not done when the third was sent
