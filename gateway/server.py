@@ -135,6 +135,7 @@ class Connection(asyncio.Protocol):
         # slowloris too. Between requests, keepalive_s applies instead.
         self.reading_since = time.monotonic()
         self.idle_since = time.monotonic()
+        self._body_len = 0  # nothing buffered yet: _reset_message returns nothing to the budget
         self._reset_message()
         self.started = False  # response head written for the current request
         self.keep_alive = True
@@ -148,15 +149,14 @@ class Connection(asyncio.Protocol):
         # parser refer to each other), and must not hold a refused body until then.
         self.server.buffered -= self._body_len
         self._body_len = 0
-        self._body = []
+        self._body: list[bytes] = []
 
     def _reset_message(self) -> None:
+        self._release_body()
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._in_head = False  # between the first byte of a request and the end of its head
         self._head_bytes = 0
-        self._body: list[bytes] = []
-        self._body_len = 0
         self._keep_alive = True
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -221,7 +221,6 @@ class Connection(asyncio.Protocol):
     # -- llhttp callbacks ------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._release_body()
         self._reset_message()
         self._in_head = True
         self.reading_since = time.monotonic()  # the deadline covers this request, even a pipelined one

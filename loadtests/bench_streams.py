@@ -92,6 +92,7 @@ class StreamClient(asyncio.Protocol):
         self.events = 0
         self.last_event_at = 0.0
         self.closing = False
+        self.settled = asyncio.Event()  # first event, refusal or loss: the stream's opening is over
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -105,6 +106,7 @@ class StreamClient(asyncio.Protocol):
             status_line = self.head.split(b"\r\n", 1)[0].decode("latin-1")
             if not status_line.startswith("HTTP/1.1 200"):
                 self.tally.refused[status_line] = self.tally.refused.get(status_line, 0) + 1
+                self.settled.set()
                 self.close()
                 return
             self.status_ok = True
@@ -114,10 +116,12 @@ class StreamClient(asyncio.Protocol):
         if (events := data.count(b"data:")) > 0:
             if not self.events:
                 self.tally.opened += 1
+                self.settled.set()
             self.events += events
             self.last_event_at = time.monotonic()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.settled.set()
         if not self.closing:
             self.tally.dropped += 1
 
@@ -157,9 +161,7 @@ async def open_streams(port: int, count: int, tally: Tally, clients: list[Stream
                 tally.connect_failed += 1
                 return
             clients.append(client)
-            while not client.events and not client.closing and client.transport is not None \
-                    and not client.transport.is_closing():
-                await asyncio.sleep(0.01)  # hold the slot until the stream is open: a steady ramp
+            await client.settled.wait()  # hold the slot until the stream is open: a steady ramp
 
     await asyncio.gather(*(one() for _ in range(count)))
 

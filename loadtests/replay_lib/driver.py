@@ -165,8 +165,7 @@ async def _sample(
 
 
 async def _stats(session: aiohttp.ClientSession, url: str) -> dict:
-    async with session.get(url + "/sim/stats", timeout=aiohttp.ClientTimeout(total=5)) as resp:
-        return await resp.json(loads=orjson.loads)
+    return await _json(session, url + "/sim/stats", 5.0)
 
 
 async def engine_counters(urls: list[str]) -> list[dict]:
@@ -178,11 +177,12 @@ async def engine_counters(urls: list[str]) -> list[dict]:
 async def engine_requests(urls: list[str], limit: int) -> list[list[dict]]:
     """Each replica's request log (``/sim/requests``), oldest first, up to ``limit`` records."""
     async with aiohttp.ClientSession() as session:
-        return list(await asyncio.gather(*(_json(session, f"{u}/sim/requests?limit={limit}") for u in urls)))
+        return list(await asyncio.gather(*(_json(session, f"{u}/sim/requests?limit={limit}", 30.0)
+                                           for u in urls)))
 
 
-async def _json(session: aiohttp.ClientSession, url: str) -> list[dict]:
-    async with session.get(url, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+async def _json(session: aiohttp.ClientSession, url: str, timeout_s: float):
+    async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
         return await resp.json(loads=orjson.loads)
 
 
