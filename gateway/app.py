@@ -90,11 +90,13 @@ class Gateway:
     async def start(self, reuse_port: bool = False) -> None:
         self.ledger.start()
         await self.health.start()
-        self.port = await self.server.start(self.settings.listen.host, self.settings.listen.port, reuse_port)
+        # Admin first: once the public port answers (and /readyz says ready), metrics, endpoint
+        # state and drain must be reachable too.
         if self.serve_admin:
             app = admin_app(pools=self.pools, router=self.router, lifecycle=self.lifecycle, ledger=self.ledger,
                             outlier=self.outlier, keys=self.keys, request_drain=self.stop_requested.set)
             self._admin_runner, self.admin_port = await start_admin(app, self.settings)
+        self.port = await self.server.start(self.settings.listen.host, self.settings.listen.port, reuse_port)
         log.info("gateway listening", extra={"fields": {
             "port": self.port, "admin_port": self.admin_port, "region": self.settings.region,
             "pools": [p.name for p in self.pools]}})
