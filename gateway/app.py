@@ -22,14 +22,14 @@ from gateway.limits import Limiter
 from gateway.health import HealthChecker
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
-from gateway.picker import make_policy
+from gateway.picker import Policy, make_policy
 from gateway.pool import Pool
 from gateway.admission import Admission
 from gateway.outlier import OutlierDetector
 from gateway.relay import Relay, RetryBudget
 from gateway.router import Router
 from gateway.server import HttpServer
-from gateway.settings import Settings
+from gateway.settings import Routing, Settings
 from gateway.upstream import Upstream
 
 log = logging.getLogger("gateway")
@@ -44,15 +44,7 @@ class Gateway:
         self.access_log = AccessLog(s.logging.access_log)
         self.lifecycle = Lifecycle()
         r = s.routing
-        self.pools = [
-            Pool(p, make_policy(
-                p.effective_policy, c=r.load_factor, session_slack=r.session_slack, vnodes=r.vnodes,
-                ring_key_blocks=r.ring_key_blocks, ring_choices=r.ring_choices,
-                index_capacity_blocks=r.index_capacity_blocks,
-                index_ttl_s=r.index_ttl_s, session_capacity=r.session_capacity,
-                session_ttl_s=r.session_ttl_s, max_candidates=r.max_candidates))
-            for p in s.pools
-        ]
+        self.pools = [Pool(p, build_policy(p.effective_policy, r)) for p in s.pools]
         self.upstream = Upstream(s.timeouts.connect_s, s.limits.upstream_idle_per_endpoint,
                                  self.metrics.upstream_connects.inc)
         self.router = Router(self.pools, r)
@@ -139,3 +131,14 @@ class Gateway:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         await self.ledger.stop()
+
+
+def build_policy(name: str, r: Routing) -> Policy:
+    """A pool's routing policy called ``name``, with the routing settings (one per pool: each learns
+    only where its own requests went)."""
+    return make_policy(
+        name, c=r.load_factor, ring_c=r.ring_load_factor, session_slack=r.session_slack, vnodes=r.vnodes,
+        ring_key_blocks=r.ring_key_blocks, ring_choices=r.ring_choices,
+        index_capacity_blocks=r.index_capacity_blocks, index_ttl_s=r.index_ttl_s,
+        session_capacity=r.session_capacity, session_ttl_s=r.session_ttl_s, max_candidates=r.max_candidates)
+

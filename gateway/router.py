@@ -21,6 +21,8 @@ from gateway.relay import Call
 from gateway.settings import Routing
 
 INTERACTIVE, BATCH = "interactive", "batch"
+# Messages that set up a conversation rather than take a turn in it.
+_INSTRUCTION_ROLES = frozenset(("system", "developer"))
 
 
 class Router:
@@ -45,9 +47,10 @@ class Router:
         if pool is None:
             raise GatewayError("no_healthy_upstream", f"no healthy endpoint serves model `{call.model}`")
         r = self.routing
+        session = self._session(header, decoded)
         keys = RouteKeys(
             prefix=affinity.prefix_hashes(call.model, text, r.block_chars, r.max_prefix_chars),
-            session=self._session(header, decoded))
+            session=session, opening=session is not None and _opens_conversation(decoded))
         now = time.monotonic()
         decision = pool.policy.pick(pool.endpoints, keys, now)
         candidates = decision.endpoints
@@ -97,3 +100,19 @@ class Router:
 def _mean_load(pool: Pool) -> float:
     eps = pool.available()
     return sum(e.load for e in eps) / len(eps) if eps else float("inf")
+
+
+def _opens_conversation(decoded) -> bool:
+    """Whether a request starts its conversation: a chat with one message besides system and
+    developer instructions. Only chats can tell; a completion's prompt says nothing about turns."""
+    messages = getattr(decoded, "messages", None)
+    if messages is None:
+        return False
+    turns = 0
+    for message in messages:
+        if message.role not in _INSTRUCTION_ROLES:
+            turns += 1
+            if turns > 1:
+                return False
+    return turns == 1
+

@@ -89,7 +89,7 @@ def test_no_available_endpoint_gives_an_empty_decision(name):
 def test_unknown_policy_and_bad_settings_are_rejected():
     with pytest.raises(ValueError, match="unknown routing policy"):
         policy("cache_aware")
-    for bad in ({"c": 0.9}, {"session_slack": -1}, {"max_candidates": 0}, {"vnodes": 0}, {"index_ttl_s": 0}):
+    for bad in ({"c": 0.9}, {"ring_c": 0.9}, {"session_slack": -1}, {"max_candidates": 0}, {"vnodes": 0}, {"index_ttl_s": 0}):
         with pytest.raises(ValueError):
             policy("prefix", **bad)
 
@@ -360,6 +360,43 @@ def test_with_one_ring_choice_an_unknown_session_is_presumed_on_its_ring_owner_a
         (owner.id, "session")}
     balancing = policy("session", ring_choices=3).pick(eps, route, 0.0)
     assert balancing.branch == "session_new" and balancing.endpoints[0] is not owner
+
+
+def test_an_opening_turn_is_placed_within_its_bound_though_no_process_remembers_its_session():
+    eps = endpoints(4)
+    route = keys(session="user-8")
+    opening = RouteKeys(route.prefix, route.session, opening=True)
+    owner = next(e for e in eps if e.id == HashRing([e.id for e in eps]).owner(route.session))
+    for e in eps:
+        e.load = 4.0
+    owner.load = 7.0  # total 19: bound 7; a presumed session keeps the owner (7 + 1 <= 7 + 2)
+    pol = policy("session", ring_choices=1)
+    assert pol.pick(eps, route, 0.0).endpoints[0] is owner
+    placed = pol.pick(eps, opening, 0.0)
+    assert placed.branch == "session_new" and placed.endpoints[0] is not owner
+    owner.load = 5.0  # within its bound: the opening turn goes to the owner, as every process expects
+    assert pol.pick(eps, opening, 0.0).endpoints[0] is owner
+
+
+@pytest.mark.parametrize("name", ["session", "prefix"])
+def test_new_work_is_placed_within_ring_c_while_placed_work_stays_within_c(name):
+    eps = endpoints(4)
+    text = text_of("a", "b")
+    route = keys(text, session="user-3") if name == "session" else keys(text)
+    ring_key = route.session if name == "session" else route.prefix[1]
+    owner = next(e for e in eps if e.id == HashRing([e.id for e in eps]).owner(ring_key))
+    for e in eps:
+        e.load = 3.0
+    owner.load = 4.0  # total 13: bound at c = 1.25 is ceil(1.25 * 14 / 4) = 5, at c = 1.0 it is 4
+    loose, tight = policy(name, ring_choices=1), policy(name, ring_choices=1, ring_c=1.0)
+    first = route if name == "prefix" else RouteKeys(route.prefix, route.session, opening=True)
+    assert loose.pick(eps, first, 0.0).endpoints[0] is owner
+    placed = send(tight, eps, first, 0.0)
+    assert placed.endpoints[0] is not owner and placed.branch in ("ring", "session_new")
+    home = placed.endpoints[0]
+    home.load = 4.0  # the same load that sent new work past the owner keeps placed work home
+    kept = tight.pick(eps, route, 1.0)
+    assert kept.endpoints[0] is home and kept.branch in ("prefix_hit", "session")
 
 
 def test_session_stays_within_its_slack_and_moves_beyond_it():

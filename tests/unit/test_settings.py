@@ -63,6 +63,7 @@ def test_environment_overrides_nested_keys_and_list_items(tmp_path):
     ("[timeouts]\nconnect_z = 1\n", "connect_z"),
     ("[listen]\nport = 70000\n", "listen.port"),
     ("[routing]\nload_factor = 0.5\n", "routing.load_factor"),
+    ("[routing]\nring_load_factor = 0.99\n", "routing.ring_load_factor"),
     ("[limits]\nmax_body_bytes = 0\n", "limits.max_body_bytes"),
     (POOL.replace("http://127.0.0.1:30000", "127.0.0.1:30000"), "pools[0].endpoints[0]"),
     (POOL.replace('engine = "sglang"', 'engine = "trt"'), "pools[0].engine"),
