@@ -110,11 +110,11 @@ class Routing(_Section):
     # (required when requests for one prefix or session can reach several processes); 3 balances a
     # single process better (replay benchmark: Mooncake spread 1.34 -> 1.26, hit 0.36 -> 0.39).
     ring_choices: int = 1
-    # Load factor of the bound cold prefixes and new sessions are placed within (load_factor keeps
-    # placed requests). 1.0 spreads new work evenly and lifts a single process's hit ratio and TTFT
-    # (replay simulation, Mooncake: hit 0.34 -> 0.41, p99 -31 %), but then a cold prefix passes its
-    # owner about as often as not, and processes that did not place it look for it there: with 4
-    # processes sharing clients, hit 0.30 -> 0.24. Equal to load_factor: the owner unless overloaded.
+    # Load factor of the bound cold prefixes, overflows and new sessions are placed within
+    # (load_factor bounds what placed work keeps). 1.0 spreads new work evenly and lifts one
+    # process's hit ratio and TTFT (replay benchmark, Mooncake: hit 0.355 -> 0.408, p99 -20 %), but
+    # then a cold prefix passes its owner about as often as not, and processes that did not place it
+    # look for it there (simulation, 4 processes sharing clients: hit 0.30 -> 0.24).
     ring_load_factor: float = 1.25
     index_capacity_blocks: int = 262144
     index_ttl_s: float = 600.0

@@ -53,6 +53,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -331,12 +332,20 @@ def _header(s: Scenario, replicas: int, requests, oracle, arrivals_end: float) -
         f"{arrivals_end:.1f} s of wall time",
         f"- KV pool: --cache-tokens {s.cache_tokens} per replica (pages of {PROFILE.page_size} tokens); "
         f"oracles over {oracle.prompt_tokens} prompt tokens",
-        "- routers: our gateway with default routing settings (access log off), sglang-router "
+        f"- routers: our gateway with {_gateway_settings()} (access log off), sglang-router "
         f"{stack.ROUTER_PACKAGE.split('==')[1]} with default policy settings (--log-level warn)",
         "- TTFT: wall-clock ms measured by the client (x speed = simulated engine time); load spread: "
         "/sim/stats running + waiting per replica every 100 ms, while requests arrive",
     ]
     return "\n".join(lines)
+
+
+def _gateway_settings() -> str:
+    """The gateway's routing settings as the run overrides them (the gateway reads the same
+    environment), so that a table says what it measured."""
+    prefix = "EDGE_GATEWAY__ROUTING__"
+    overrides = sorted(f"{k[len(prefix):].lower()} = {v}" for k, v in os.environ.items() if k.startswith(prefix))
+    return f"routing overrides {', '.join(overrides)}" if overrides else "default routing settings"
 
 
 def _override(s: Scenario, args: argparse.Namespace) -> Scenario:
