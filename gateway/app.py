@@ -141,4 +141,3 @@ def build_policy(name: str, r: Routing) -> Policy:
         ring_key_blocks=r.ring_key_blocks, ring_choices=r.ring_choices,
         index_capacity_blocks=r.index_capacity_blocks, index_ttl_s=r.index_ttl_s,
         session_capacity=r.session_capacity, session_ttl_s=r.session_ttl_s, max_candidates=r.max_candidates)
-

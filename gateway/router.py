@@ -115,4 +115,3 @@ def _opens_conversation(decoded) -> bool:
             if turns > 1:
                 return False
     return turns == 1
-
