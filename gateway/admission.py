@@ -39,11 +39,14 @@ class Admission:
         self._wait_s = {"interactive": config.interactive_wait_s, "batch": config.batch_wait_s}
         self._size = {"interactive": config.interactive_queue, "batch": config.batch_queue}
 
-    async def place(self, call: Call, route: Callable[[], None]) -> None:
-        """Route the call, then keep only candidates with room; wait for room if none has any."""
+    def place(self, call: Call, route: Callable[[], None]) -> bool:
+        """Route the call, then keep only candidates with room. False when none has any: the caller
+        then waits for room with :meth:`wait` (kept apart, so the usual request costs no coroutine)."""
         route()
-        if self._fits(call):
-            return
+        return self._fits(call)
+
+    async def wait(self, call: Call, route: Callable[[], None]) -> None:
+        """Wait in the pool's queue for the call's class until a slot frees, routing again each time."""
         pool = call.pool
         queue = self._queues[(pool.name, call.workload)]  # type: ignore[union-attr]
         if len(queue) >= self._size[call.workload]:

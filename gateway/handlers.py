@@ -114,7 +114,11 @@ class Handlers:
             workload = BATCH if header == b"batch" else INTERACTIVE
         else:
             workload = BATCH if decoded.service_tier == "flex" else key.default_class
-        await self.admission.place(call, lambda: self.router.route(call, request.header, decoded, text, workload))
+        def route() -> None:
+            self.router.route(call, request.header, decoded, text, workload)
+
+        if not self.admission.place(call, route):
+            await self.admission.wait(call, route)
         call.forward_headers = forward_headers(request.headers)
 
     def _settle(self, call: Call) -> None:

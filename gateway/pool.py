@@ -71,4 +71,9 @@ class Pool:
         return [e for e in self.endpoints if e.available]
 
     def has_healthy(self) -> bool:
-        return any(e.available for e in self.endpoints)
+        # A loop, not any() over a generator: this runs on every request, and closing a generator
+        # that any() stopped early raises GeneratorExit inside it.
+        for e in self.endpoints:
+            if e.available:
+                return True
+        return False

@@ -161,7 +161,9 @@ class Relay:
         """One try on one endpoint. Returns None when answered, else the retryable failure."""
         ex: Exchange | None = None
         try:
-            ex = await self.upstream.open(endpoint.host, endpoint.port, self._render(call, endpoint))
+            request = self._render(call, endpoint)
+            ex = (self.upstream.reuse(endpoint.host, endpoint.port, request)
+                  or await self.upstream.open(endpoint.host, endpoint.port, request))
             call.written_at = time.monotonic()
             await ex.wait_first(self.timeouts.first_byte_s)
             status = ex.status
@@ -207,8 +209,9 @@ class Relay:
         body = ex.take()
         if status >= 400:
             body = engine_error_body(status, body)
-        if b'"usage"' in body:
-            call.usage_tail = body[body.rfind(b'"usage"'):]
+        usage_at = body.rfind(b'"usage"')
+        if usage_at >= 0:
+            call.usage_tail = body[usage_at:]
         call.status = status
         call.first_byte_at = time.monotonic()
         conn.respond(status, self._headers(call), body, ex.header(b"content-type") or b"application/json")
@@ -235,8 +238,9 @@ class Relay:
             conn.send_chunk(data)
             call.events += data.count(b"data:")
             call.last_event_at = ex.last_read
-            if b'"usage":{' in data:
-                call.usage_tail = data[data.rfind(b'"usage":{'):]
+            usage_at = data.rfind(b'"usage":{')
+            if usage_at >= 0:
+                call.usage_tail = data[usage_at:]
 
         ex.pipe(sink)
         conn.on_pause, conn.on_resume = ex.pause, ex.resume

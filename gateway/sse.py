@@ -6,15 +6,22 @@ The relay forwards upstream bytes as they come, without re-encoding. Before a re
 never forwarded: the relay ends the stream with an error event instead, so a client never has to
 parse garbage (the OpenAI SDK would die on a UnicodeDecodeError rather than raise ``APIError``).
 
-Cost: one ``split`` and a ``startswith`` per line, plus a UTF-8 decode only for non-ASCII reads,
-well under a microsecond per event. The incomplete last line of a read is carried into the next.
+Cost: one regular-expression scan over the complete lines of a read (in C: a burst of 70 events is
+checked in about a microsecond, where a Python loop over its lines took several), plus a UTF-8
+decode only for non-ASCII reads. The incomplete last line of a read is carried into the next.
 """
 
 from __future__ import annotations
 
 import codecs
+import re
 
-FIELDS = (b"data:", b":", b"event:", b"id:", b"retry:", b"\r")
+# How an SSE line may start: a field name, or a line end (blank lines separate events; "\r" is the
+# blank line of a CRLF stream).
+FIELDS = (b"data:", b":", b"event:", b"id:", b"retry:", b"\r", b"\n")
+# A line end followed by none of those: a later line that is not an SSE field. The pattern starts with
+# a literal, so the scan jumps from newline to newline in C.
+_NOT_A_FIELD = re.compile(rb"\n(?!data:|:|event:|id:|retry:|\r|\n|$)")
 MAX_LINE = 4 * 1024 * 1024
 
 
@@ -27,13 +34,13 @@ class SseCheck:
 
     def feed(self, data: bytes) -> bool:
         """True while the stream is well formed, counting ``data`` in."""
-        lines = (self.carry + data if self.carry else data).split(b"\n")
-        self.carry = lines.pop()
+        text = self.carry + data if self.carry else data
+        end = text.rfind(b"\n") + 1  # complete lines end here; the rest waits for its line end
+        self.carry = text[end:]
         if len(self.carry) > MAX_LINE:
             return False
-        for line in lines:
-            if line and not line.startswith(FIELDS):
-                return False
+        if end and (not text.startswith(FIELDS) or _NOT_A_FIELD.search(text, 0, end)):
+            return False
         if data.isascii() and not self._utf8.getstate()[0]:
             return True  # no multi-byte sequence is pending from the previous read
         try:

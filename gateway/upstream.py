@@ -41,15 +41,20 @@ class Upstream:
         self.on_connect = on_connect  # counts new connections: a pool that reconnects per request shows here
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
 
-    async def open(self, host: str, port: int, request: bytes) -> Exchange:
-        """Send ``request`` (head and body, already rendered) and return its exchange."""
-        key = (host, port)
-        idle = self._idle.get(key)
+    def reuse(self, host: str, port: int, request: bytes) -> Exchange | None:
+        """Send ``request`` (head and body, already rendered) on an idle keep-alive connection and
+        return its exchange; None when there is none, and then :meth:`open` connects. Apart, so that
+        the usual request makes no coroutine here."""
+        idle = self._idle.get((host, port))
         while idle:
             conn = idle.pop()
             if not conn.closed:
                 return conn.start(request, reused=True)
-        conn = await self._connect(key)
+        return None
+
+    async def open(self, host: str, port: int, request: bytes) -> Exchange:
+        """Send ``request`` on a new connection and return its exchange."""
+        conn = await self._connect((host, port))
         return conn.start(request, reused=False)
 
     async def _connect(self, key: tuple[str, int]) -> _Connection:
