@@ -1,8 +1,9 @@
 """What one request costs the gateway's own code, with no sockets and no second process.
 
     python -m loadtests.request_cost                   # non-streaming: CPU µs per request
-    python -m loadtests.request_cost --burst           # a stream whose 68 events arrive in one read
-    python -m loadtests.request_cost --instructions    # instructions per request, under callgrind
+    python -m loadtests.request_cost --mode burst      # streams whose 68 events arrive in one read
+    python -m loadtests.request_cost --mode paced      # per relayed event, one event per upstream read
+    python -m loadtests.request_cost --instructions    # instructions instead, under callgrind
 
 It builds the real gateway (``app.Gateway``: default settings, one prefix-routed SGLang pool of two
 endpoints, metrics and the access log on) and drives its protocol objects through in-memory
@@ -43,7 +44,7 @@ from gateway import settings
 from gateway.app import Gateway
 from gateway.server import Connection
 from gateway.upstream import _Connection
-from loadtests.fast_backend import BURST, JSON_HEAD, NON_STREAM
+from loadtests.fast_backend import BURST, JSON_HEAD, NON_STREAM, SSE_HEAD, STREAM_EVENTS
 
 ENDPOINTS = ("127.0.0.1", 18001), ("127.0.0.1", 18002)
 CONFIG = ('[[pools]]\nname = "bench"\nengine = "sglang"\nrole = "interactive"\nmodels = ["bench"]\n'
@@ -98,8 +99,10 @@ class MemoryTransport(asyncio.Transport):
         pass
 
 
-async def measure(count: int, warmup: int, burst: bool, access_log: BinaryIO) -> float:
-    """CPU seconds per request over ``count`` requests, after ``warmup`` of them."""
+def build_gateway(answer: bytes, access_log: BinaryIO) -> tuple[Gateway, list[_Connection]]:
+    """The gateway with its default settings, both endpoints healthy, and four idle upstream
+    connections per endpoint (returned too) that answer every request with ``answer`` on the next
+    loop turn."""
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
         f.write(CONFIG)
     try:
@@ -109,7 +112,7 @@ async def measure(count: int, warmup: int, burst: bool, access_log: BinaryIO) ->
     gateway = Gateway(config, serve_admin=False)
     gateway.access_log.stream = access_log
     loop = asyncio.get_running_loop()
-    answer = BURST if burst else JSON_HEAD % len(NON_STREAM) + NON_STREAM
+    upstreams = []
     for key in ENDPOINTS:
         idle = []
         for _ in range(4):
@@ -117,14 +120,21 @@ async def measure(count: int, warmup: int, burst: bool, access_log: BinaryIO) ->
             upstream.connection_made(MemoryTransport(
                 lambda data, c=upstream: loop.call_soon(c.data_received, answer)))
             idle.append(upstream)
-        gateway.upstream._idle[key] = idle
+        upstreams += idle
+        gateway.upstream._idle[key] = idle  # the pool's own list: no sockets behind these connections
     for pool in gateway.pools:
         for endpoint in pool.endpoints:
             endpoint.healthy = True
             endpoint.refresh()
     gc.freeze()
     gc.set_threshold(20000, 20, 20)  # as gateway/__main__.py runs it
+    return gateway, upstreams
 
+
+async def per_request(count: int, warmup: int, burst: bool, access_log: BinaryIO) -> float:
+    """CPU seconds per request over ``count`` requests, after ``warmup`` of them."""
+    gateway, _ = build_gateway(BURST if burst else JSON_HEAD % len(NON_STREAM) + NON_STREAM, access_log)
+    loop = asyncio.get_running_loop()
     response: list[bytes] = []  # the writes of the response in progress
     answered: list[asyncio.Future] = [loop.create_future()]  # the current request's
 
@@ -154,36 +164,68 @@ async def measure(count: int, warmup: int, burst: bool, access_log: BinaryIO) ->
     return (time.process_time() - start) / count
 
 
-def instructions(args) -> int:
-    """Instructions per request: callgrind over two runs that differ only in length."""
+async def per_event(count: int, warmup: int, access_log: BinaryIO) -> float:
+    """CPU seconds per relayed SSE event of one open stream whose engine sends one event per read
+    (the paced case), over ``count`` events after ``warmup``."""
+    first, event = (b"%x\r\n%s\r\n" % (len(e), e) for e in STREAM_EVENTS[:2])
+    gateway, upstreams = build_gateway(SSE_HEAD + first, access_log)
+    writes: list[bytes] = []
+    client = Connection(gateway.server)
+    client.connection_made(MemoryTransport(writes.append))
+    client.data_received(requests(True)[0])
+    while not writes:
+        await asyncio.sleep(0)
+    if not writes[0].startswith(b"HTTP/1.1 200"):
+        raise SystemExit(f"request_cost: the gateway answered {writes[0][:300]!r}")
+    (stream,) = [c for c in upstreams if c.exchange is not None]
+    for _ in range(warmup):
+        stream.data_received(event)
+    start = time.process_time()
+    for _ in range(count):
+        stream.data_received(event)
+    cpu = time.process_time() - start
+    if len(writes) != 1 + warmup + count or not writes[-1].endswith(STREAM_EVENTS[1] + b"\r\n"):
+        raise SystemExit(f"request_cost: {len(writes) - 1} of {warmup + count} events reached the client")
+    return cpu / count
+
+
+UNITS = {"plain": "non-streaming request", "burst": "burst-streamed request", "paced": "relayed SSE event (paced)"}
+
+
+def instructions(mode: str, count: int) -> int:
+    """Instructions per unit: callgrind over two runs that differ only in length."""
     valgrind = shutil.which("valgrind")
     if valgrind is None:
         raise SystemExit("request_cost: --instructions needs valgrind (Debian: apt-get install valgrind)")
     totals = []
-    for count in (args.requests, 5 * args.requests):
+    for n in (count, 5 * count):
         cmd = [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m",
-               "loadtests.request_cost", "--requests", str(count), "--warmup", "0"] + (["--burst"] if args.burst else [])
+               "loadtests.request_cost", "--mode", mode, "--count", str(n), "--warmup", "0"]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=PROJECT)
         totals.append(int(re.search(r"Collected : (\d+)", done.stderr).group(1)))
-    return (totals[1] - totals[0]) // (4 * args.requests)
+    return (totals[1] - totals[0]) // (4 * count)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=20000, help="requests measured")
-    parser.add_argument("--warmup", type=int, default=2000, help="requests run first, not measured")
-    parser.add_argument("--burst", action="store_true", help="streamed requests, whole stream in one read")
+    parser.add_argument("--mode", choices=list(UNITS), default="plain",
+                        help="plain: non-streaming requests; burst: streams whose events arrive in one read; "
+                             "paced: the events of one stream, one per read")
+    parser.add_argument("--count", type=int, help="requests (or events) measured; default 20,000 (200,000 "
+                                                  "events), or a fifth of that with --instructions")
+    parser.add_argument("--warmup", type=int, default=2000, help="requests (or events) run first, not measured")
     parser.add_argument("--instructions", action="store_true", help="count instructions under callgrind")
     args = parser.parse_args(argv)
-    kind = "burst-streamed" if args.burst else "non-streaming"
+    count = args.count or (200_000 if args.mode == "paced" else 20_000) // (40 if args.instructions else 1)
     if args.instructions:
-        if args.requests == parser.get_default("requests"):
-            args.requests = 500
-        print(f"{instructions(args):,} instructions per {kind} request (callgrind, in process)")
+        print(f"{instructions(args.mode, count):,} instructions per {UNITS[args.mode]} (callgrind, in process)")
         return 0
     with tempfile.TemporaryFile() as access_log:
-        per_request = uvloop.run(measure(args.requests, args.warmup, args.burst, access_log))
-    print(f"{per_request * 1e6:.1f} µs of CPU per {kind} request (in process, {args.requests:,} requests)")
+        if args.mode == "paced":
+            cost = uvloop.run(per_event(count, args.warmup, access_log))
+        else:
+            cost = uvloop.run(per_request(count, args.warmup, args.mode == "burst", access_log))
+    print(f"{cost * 1e6:.2f} µs of CPU per {UNITS[args.mode]} (in process, {count:,} measured)")
     return 0
 
 
