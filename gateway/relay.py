@@ -89,7 +89,7 @@ class Call:
 
 def forward_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
     """End-to-end client headers, rendered once per request for every attempt."""
-    return b"".join(k + b": " + v + b"\r\n" for k, v in headers if k not in _NOT_FORWARDED)
+    return b"".join([k + b": " + v + b"\r\n" for k, v in headers if k not in _NOT_FORWARDED])
 
 
 class RetryBudget:
