@@ -6,9 +6,10 @@ The relay forwards upstream bytes as they come, without re-encoding. Before a re
 never forwarded: the relay ends the stream with an error event instead, so a client never has to
 parse garbage (the OpenAI SDK would die on a UnicodeDecodeError rather than raise ``APIError``).
 
-Cost: one regular-expression scan over the complete lines of a read (in C: a burst of 70 events is
-checked in about a microsecond, where a Python loop over its lines took several), plus a UTF-8
-decode only for non-ASCII reads. The incomplete last line of a read is carried into the next.
+Cost: a read that is exactly one ``data:`` event (the usual read of a paced stream) is passed by
+two string tests. Any other read gets one regular-expression scan over its complete lines, in C: a
+15 KB burst of 68 events in about 10 µs, where a Python loop over its lines took 17. Then a UTF-8
+decode, only for non-ASCII reads. The incomplete last line of a read is carried into the next.
 """
 
 from __future__ import annotations
