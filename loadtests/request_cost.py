@@ -12,10 +12,10 @@ transports. The client connection is fed the benchmark's requests (the 64 bodies
 backend's canned response. Every step runs: parsing, auth, decode, routing, relay, the ledger.
 Only the syscalls and the other processes are left out.
 
-Why: ``bench_overhead`` gives the truth with sockets, but its figures move by 15-25 % between runs on
-this VM, so small changes to the hot path cannot be judged with it. Here, process CPU time moves by a few
-percent, and callgrind's instruction count (``--instructions``: two runs of different lengths, so
-start-up cancels out) does not move at all. Instructions are not time: memory-bound work (joining
+Why: ``bench_overhead`` gives the truth with sockets, but its figures move by 15-30 % between runs on
+this VM, so small changes to the hot path cannot be judged with it. Here, process CPU time still moves
+by about 10 %, but callgrind's instruction count (``--instructions``: two runs of different lengths,
+so start-up cancels out) does not move at all. Instructions are not time: memory-bound work (joining
 or scanning a 15 KB stream) runs many instructions per cycle. The ledger's periodic flusher is not
 started, so metrics and log lines are settled in full batches of 64 however slow the run (callgrind
 is about 50x slower); in service, quiet periods flush smaller batches.
