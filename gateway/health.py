@@ -12,6 +12,11 @@ gateway already counts exactly and without delay, so what is kept is the *foreig
 running + queued minus this process's in-flight at scrape time, i.e. the load other workers and
 gateway replicas put there. A scrape older than ``health.scrape_stale_s`` is ignored (foreign load
 taken as 0), and the switch is visible: ``gateway_engine_signal_stale`` and a log line.
+
+KV usage at or above ``health.kv_saturation`` marks the endpoint ``saturated``: the picker sends it
+no new requests while its pool has an endpoint that is not (``picker``, "KV saturation"). A stale
+scrape clears the mark, as it clears the foreign load: routing falls back on this process's counts.
+Entering and leaving saturation is logged, and ``gateway_engine_kv_usage`` exports the usage.
 """
 
 from __future__ import annotations
@@ -132,6 +137,18 @@ class HealthChecker:
         ep.engine_foreign = max(0.0, running + waiting - ep.in_flight)
         ep.engine_kv_usage = kv
         ep.engine_seen_at = time.monotonic()
+        self.metrics.child(self.metrics.engine_kv_usage, ep.pool, ep.id).set(kv)
+        self._mark_saturated(ep, kv >= self.config.kv_saturation)
+
+    def _mark_saturated(self, ep: Endpoint, saturated: bool) -> None:
+        if saturated == ep.saturated:
+            return
+        ep.saturated = saturated
+        if saturated:
+            log.warning("engine KV cache saturated; new requests go to other endpoints",
+                        extra={"fields": {"endpoint": ep.id, "pool": ep.pool, "kv_usage": ep.engine_kv_usage}})
+        else:
+            log.info("engine KV cache has room again", extra={"fields": {"endpoint": ep.id, "pool": ep.pool}})
 
     def _expire_stale(self) -> None:
         now = time.monotonic()
@@ -140,6 +157,7 @@ class HealthChecker:
                 stale = now - ep.engine_seen_at > self.config.scrape_stale_s
                 if stale:
                     ep.engine_foreign = 0.0
+                    self._mark_saturated(ep, False)
                 if stale != self._stale.get(ep.id):
                     self._stale[ep.id] = stale
                     self.metrics.child(self.metrics.engine_signal_stale, ep.pool, ep.id).set(1 if stale else 0)

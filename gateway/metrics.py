@@ -53,6 +53,9 @@ class Metrics:
         self.engine_signal_stale = Gauge(
             "gateway_engine_signal_stale", "1 while the engine's scraped load signal is missing or stale.",
             ["pool", "endpoint"], multiprocess_mode="livemax", registry=r)
+        self.engine_kv_usage = Gauge(
+            "gateway_engine_kv_usage", "KV cache usage (0-1) the engine last reported.",
+            ["pool", "endpoint"], multiprocess_mode="livemax", registry=r)
         self.decisions = Counter(
             "gateway_routing_decisions_total", "Routing decisions by pool, policy and branch.",
             ["pool", "policy", "branch"], registry=r)

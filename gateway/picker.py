@@ -103,6 +103,22 @@ owner about as often as not, and a process that never saw it looks for it on the
 processes sharing clients, Mooncake hit ratio 0.30 -> 0.24 and a worse p99. Hence the default
 ``ring_c = c``, and ``1`` for a single process (or processes that keep each client).
 
+KV saturation
+-------------
+Request counts miss what long prompts do to an engine: a replica running a few long-context requests
+can have its KV cache full while its count looks light. An engine without free KV pages holds new
+requests in its queue until running ones finish (or preempts running ones, which then prefill
+again), so new work placed there waits. An endpoint whose engine last reported KV usage at or above
+``health.kv_saturation`` (``Candidate.saturated``, set by the scraper, cleared when the scrape goes
+stale) therefore takes no new work: cold prefixes, overflows and new or moved sessions are placed
+on the ring among the other endpoints (branch ``kv_saturated`` when a saturated endpoint would have
+taken the request), and the baseline policies and requests without keys pass it over. What it
+holds stays: a prefix hit needs KV pages only for its uncached tail, and a session's next turn only
+for its new messages, so they keep their endpoint within the usual bounds. (Moving them too was
+tried: in the Mooncake replay it moved 46 of 987 requests off saturated holders and lowered the hit
+ratio and TTFT, see README "Routing quality".) If every available endpoint is saturated, saturation
+is ignored.
+
 Cost: ``pick`` is O(endpoints + log(prefix keys) + ring points walked) and allocates a few small
 containers; ``observe`` is O(prefix keys). The ring is rebuilt only when the list of endpoint ids
 changes. Sessions take one map entry each (about 220 bytes) while they live, at most
@@ -143,6 +159,10 @@ class Candidate(Protocol):
     def available(self) -> bool:
         """Healthy and not ejected; the picker ignores endpoints that are not."""
 
+    @property
+    def saturated(self) -> bool:
+        """The engine reports its KV cache (nearly) full; the picker passes it over while it can."""
+
 
 class RouteKeys(msgspec.Struct, frozen=True, gc=False):
     """A request's routing keys: ``affinity.prefix_hashes`` of its canonical prompt (may be empty
@@ -177,7 +197,7 @@ class Policy(Protocol):
 
 BRANCHES = ("no_endpoint", "round_robin", "random", "least_load", "power_of_two", "session",
             "session_new", "session_moved", "no_session_key", "prefix_hit", "overflow", "ring",
-            "holder_unavailable", "no_prefix_key")
+            "holder_unavailable", "kv_saturated", "no_prefix_key")
 
 
 # Ring candidates a cold prefix or a new session chooses from (module docstring: why choices).
@@ -186,6 +206,15 @@ RING_CHOICES = 3
 
 def _pressure(endpoint: Candidate) -> float:
     return (endpoint.load + 1.0) / endpoint.weight
+
+
+def _routable(endpoints: Sequence[Candidate]) -> list[Candidate]:
+    """The available endpoints, less those whose KV cache is saturated, unless that leaves none."""
+    available = [e for e in endpoints if e.available]
+    for e in available:
+        if e.saturated:  # rare: only then build the second list
+            return [e for e in available if not e.saturated] or available
+    return available
 
 
 class _NoAffinity:
@@ -212,7 +241,7 @@ class RoundRobin(_NoAffinity):
         self._turn = 0
 
     def pick(self, endpoints: Sequence[Candidate], keys: RouteKeys, now: float) -> Decision:
-        available = [e for e in endpoints if e.available]
+        available = _routable(endpoints)
         n = len(available)
         if not n:
             return Decision([], "no_endpoint", 0)
@@ -233,7 +262,7 @@ class RandomChoice(_NoAffinity):
         self._rng = random.Random(seed)
 
     def pick(self, endpoints: Sequence[Candidate], keys: RouteKeys, now: float) -> Decision:
-        available = [e for e in endpoints if e.available]
+        available = _routable(endpoints)
         if not available:
             return Decision([], "no_endpoint", 0)
         return Decision(self._rng.sample(available, min(self.max_candidates, len(available))), "random", 0)
@@ -251,7 +280,7 @@ class LeastLoad(_NoAffinity):
         self._turn = 0
 
     def pick(self, endpoints: Sequence[Candidate], keys: RouteKeys, now: float) -> Decision:
-        return self.choose([e for e in endpoints if e.available], "least_load")
+        return self.choose(_routable(endpoints), "least_load")
 
     def choose(self, available: list[Candidate], branch: str) -> Decision:
         n = len(available)
@@ -274,7 +303,7 @@ class PowerOfTwo(_NoAffinity):
         self._rng = random.Random(seed)
 
     def pick(self, endpoints: Sequence[Candidate], keys: RouteKeys, now: float) -> Decision:
-        available = [e for e in endpoints if e.available]
+        available = _routable(endpoints)
         n = len(available)
         if not n:
             return Decision([], "no_endpoint", 0)
@@ -287,15 +316,17 @@ class PowerOfTwo(_NoAffinity):
 class _LoadView:
     """One request's view of the available endpoints: by id with their loads, the total load, and
     their weights (``weight`` stays None while every weight is 1, the norm, so the bounds skip
-    per-member share arithmetic). One pass, reading each endpoint's load once."""
+    per-member share arithmetic). One pass, reading each endpoint's load once. ``placeable`` is
+    ``load`` without the endpoints whose KV cache is saturated (the same dict while none is, or if
+    all are): new work is placed only there."""
 
-    __slots__ = ("by_id", "load", "total", "weight", "weight_sum")
+    __slots__ = ("by_id", "load", "placeable", "total", "weight", "weight_sum")
 
     def __init__(self, endpoints: Sequence[Candidate]):
         by_id: dict[str, Candidate] = {}
         load: dict[str, float] = {}
         total = 0.0
-        slow_start = False
+        slow_start = saturated = False
         for e in endpoints:
             if e.available:
                 endpoint_id = e.id
@@ -304,22 +335,34 @@ class _LoadView:
                 total += held
                 if e.weight != 1.0:
                     slow_start = True
+                if e.saturated:
+                    saturated = True
         self.by_id = by_id
         self.load = load
         self.total = total
         self.weight = {i: e.weight for i, e in by_id.items()} if slow_start else None
         self.weight_sum = sum(self.weight.values()) if self.weight is not None else float(len(load))
+        self.placeable = load
+        if saturated:
+            self.placeable = {i: held for i, held in load.items() if not by_id[i].saturated} or load
 
     def keeps(self, endpoint_id: str, c: float, slack: float) -> bool:
         """Whether an endpoint may keep an affinity request: within its load bound plus ``slack``."""
         share = (self.weight[endpoint_id] if self.weight is not None else 1.0) / self.weight_sum
         return self.load[endpoint_id] + 1.0 <= load_bound(c, self.total, share) + slack
 
-    def place(self, ring: HashRing, key: int, c: float, choices: int) -> str:
-        """The least loaded of the first ``choices`` endpoints clockwise from ``key`` within bound."""
-        target = ring.bounded_owner(key, self.load, c, self.weight, choices)
+    def place(self, ring: HashRing, key: int, c: float, choices: int) -> tuple[str, bool]:
+        """The least loaded of the first ``choices`` placeable endpoints clockwise from ``key``
+        within bound, and whether a saturated endpoint would have taken the request otherwise."""
+        placeable = self.placeable
+        weight = self.weight
+        if placeable is not self.load and weight is not None:
+            weight = {i: weight[i] for i in placeable}
+        target = ring.bounded_owner(key, placeable, c, weight, choices)
         assert target is not None  # the ring holds every endpoint of the view
-        return target
+        if placeable is self.load:
+            return target, False
+        return target, target != ring.bounded_owner(key, self.load, c, self.weight, choices)
 
     def along(self, ring: HashRing, key: int, first: str, count: int) -> list[Candidate]:
         """``first``, then available endpoints clockwise from ``key``, ``count`` at most."""
@@ -386,7 +429,7 @@ class SessionAffinity:
 
     def pick(self, endpoints: Sequence[Candidate], keys: RouteKeys, now: float) -> Decision:
         if keys.session is None:
-            return self._least_load.choose([e for e in endpoints if e.available], "no_session_key")
+            return self._least_load.choose(_routable(endpoints), "no_session_key")
         view = _LoadView(endpoints)
         if not view.by_id:
             return Decision([], "no_endpoint", 0)
@@ -413,7 +456,9 @@ class SessionAffinity:
             return Decision(view.along(ring, session, current, self.max_candidates), "session", 0)
         else:
             branch = "session_moved"
-        target = view.place(ring, session, self.ring_c, self.choices)
+        target, displaced = view.place(ring, session, self.ring_c, self.choices)
+        if displaced:
+            branch = "kv_saturated"
         # Only when fractional loads leave no endpoint within bound can the target be the current one.
         return Decision(view.along(ring, session, target, self.max_candidates),
                         "session" if target == current else branch, 0)
@@ -456,7 +501,7 @@ class PrefixAffinity:
     def pick(self, endpoints: Sequence[Candidate], keys: RouteKeys, now: float) -> Decision:
         prefix = keys.prefix
         if keys.session is None and not prefix:
-            return self._least_load.choose([e for e in endpoints if e.available], "no_prefix_key")
+            return self._least_load.choose(_routable(endpoints), "no_prefix_key")
         view = _LoadView(endpoints)
         if not view.by_id:
             return Decision([], "no_endpoint", 0)
@@ -480,7 +525,9 @@ class PrefixAffinity:
                 return Decision(view.along(ring, ring_key, best.id, self.max_candidates), "prefix_hit", depth)
             else:
                 branch = "overflow"
-        target = view.place(ring, ring_key, self.ring_c, self.choices)
+        target, displaced = view.place(ring, ring_key, self.ring_c, self.choices)
+        if displaced:
+            branch = "kv_saturated"
         return Decision(view.along(ring, ring_key, target, self.max_candidates), branch, depth)
 
     def observe(self, endpoint_id: str, keys: RouteKeys, now: float) -> None:

@@ -1,8 +1,8 @@
 """Endpoints (engine replicas) and the pools that group them by engine kind, role and models.
 
 An :class:`Endpoint` carries everything routing reads about a replica: its in-flight count in this
-process, what the engine itself last reported (running and queued requests, KV usage), its health,
-and its slow-start weight. Health and scrapes update these fields; the picker only reads them.
+process, what the engine itself last reported (running and queued requests, KV usage, and whether
+that usage marks its KV cache as saturated), its health, and its slow-start weight. Health and scrapes update these fields; the picker only reads them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from gateway import settings as cfg
 
 class Endpoint:
     __slots__ = ("id", "pool", "host", "port", "in_flight", "healthy", "ejected_until", "panic", "available",
-                 "weight", "engine_foreign", "engine_kv_usage", "engine_seen_at")
+                 "weight", "engine_foreign", "engine_kv_usage", "engine_seen_at", "saturated")
 
     def __init__(self, url: str, pool: str):
         parts = urlsplit(url)
@@ -33,6 +33,8 @@ class Endpoint:
         self.engine_foreign = 0.0  # running + queued at the engine that are not this process's
         self.engine_kv_usage = 0.0
         self.engine_seen_at = 0.0
+        # The engine's last fresh scrape put its KV usage at or above `health.kv_saturation`.
+        self.saturated = False
 
     def refresh(self) -> None:
         self.available = self.healthy and (self.panic or not self.ejected_until)

@@ -138,6 +138,10 @@ class Health(_Section):
     healthy_threshold: int = 1
     scrape_interval_s: float = 1.0
     scrape_stale_s: float = 5.0
+    # KV usage (0-1, from the engine's metrics) from which an engine takes no new requests while
+    # another endpoint of its pool has room: past it, engines queue or preempt, and preempted
+    # requests prefill again.
+    kv_saturation: float = 0.9
 
 
 class Admission(_Section):
@@ -281,6 +285,8 @@ def _validate(s: Settings) -> None:
             raise bad(f"outlier.{key}", "is a percentage (0-100]")
     if o.min_weight > 1:
         raise bad("outlier.min_weight", "must be in (0, 1]")
+    if s.health.kv_saturation > 1:
+        raise bad("health.kv_saturation", f"is a share of the KV cache, in (0, 1]; got {s.health.kv_saturation}")
     b = s.retry_budget
     if b.ratio < 0 or b.min_per_s < 0 or b.cap < 0:
         raise bad("retry_budget", "ratio, min_per_s and cap must be >= 0")

@@ -64,3 +64,44 @@ def test_endpoint_leaves_rotation_when_its_health_check_fails_and_returns(simula
         seen.add(endpoints(gw)[f"127.0.0.1:{sim.ports[0]}"]["healthy"])
         time.sleep(0.05)
     assert seen == {True, False}
+
+
+def test_replica_whose_engine_reports_a_saturated_kv_cache_takes_no_new_prompts_but_keeps_its_prefix_hits(
+        simulator, gateway):
+    sim = simulator("sglang", replicas=2, speed=0.05, extra=["--cache-tokens", "4096"])
+    gw = gateway(HEALTH + "[routing]\nendpoint_header = true\n" + pool_toml("s", "sglang", "interactive", sim.urls))
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)
+
+    def ask(system: str, question: str) -> str:
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, max_tokens=2, messages=[{"role": "system", "content": system * 100},
+                                                 {"role": "user", "content": question}])
+        return raw.headers["x-gateway-endpoint"]
+
+    holder = ask("Be brief. ", "first")  # now holds this system prompt's prefix
+    # Another client (not through this gateway) fills the holder's KV cache: about 3,720 of its
+    # 4,096 tokens (the simulator counts 4 bytes a token), for the next 350 tokens of a slow stream.
+    direct = openai.OpenAI(base_url=f"http://{holder}/v1", api_key="k", max_retries=0)
+    filler = " ".join(f"filler-{i:05d}" for i in range(1140))
+    stream = direct.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": filler}],
+                                            max_tokens=350, stream=True)
+    next(iter(stream))
+    deadline = time.monotonic() + 10  # generous: the machine may be busy; the promise is not timing
+    while not endpoints(gw)[holder]["saturated"]:
+        assert time.monotonic() < deadline, endpoints(gw)
+        time.sleep(0.05)
+
+    # New prompts (cold system prompts; each replica owns about half of them on the ring) all go
+    # to the other replica; the holder keeps the prompt it already caches.
+    assert {ask(f"Persona {k}. ", "first") for k in range(8)} == set(endpoints(gw)) - {holder}
+    assert {ask("Be brief. ", f"question {i}") for i in range(3)} == {holder}
+    while 'branch="kv_saturated"' not in gw.metrics():  # the ledger settles metrics in batches
+        assert time.monotonic() < deadline + 5
+        time.sleep(0.05)
+    assert "engine KV cache saturated" in gw.log()
+
+    stream.close()
+    while endpoints(gw)[holder]["saturated"]:
+        assert time.monotonic() < deadline + 10, endpoints(gw)
+        time.sleep(0.05)
+    assert "engine KV cache has room again" in gw.log()

@@ -25,6 +25,7 @@ class Ep:
     load: float = 0.0
     weight: float = 1.0
     available: bool = True
+    saturated: bool = False
 
 
 def endpoints(n: int) -> list[Ep]:
@@ -56,27 +57,27 @@ def text_of(*parts: str) -> str:
 
 @settings(max_examples=60, deadline=None)
 @given(name=st.sampled_from(POLICIES), n=st.integers(1, 9), data=st.data())
-def test_every_policy_returns_distinct_available_endpoints_and_a_known_branch(name, n, data):
+def test_every_policy_returns_distinct_available_endpoints_and_places_new_work_off_saturated_ones(name, n, data):
     eps = endpoints(n)
     pol = policy(name, max_candidates=data.draw(st.integers(1, 4)))
     for step in range(6):
         for e in eps:
             e.available = data.draw(st.booleans())
+            e.saturated = data.draw(st.booleans())
             e.load = data.draw(st.integers(0, 20))
             e.weight = data.draw(st.sampled_from([1.0, 1.0, 0.2]))
         route = keys(data.draw(st.sampled_from(["", "a" * 300, "b" * 700])),
                      data.draw(st.sampled_from([None, "s1", "s2"])))
         decision = pol.pick(eps, route, float(step))
         available = [e for e in eps if e.available]
+        routable = [e for e in available if not e.saturated] or available
         assert decision.branch in BRANCHES
-        assert len(decision.endpoints) == min(pol.max_candidates, len(available))
+        affinity = name in ("prefix", "session") and decision.branch not in ("no_session_key", "no_prefix_key")
+        assert len(decision.endpoints) == min(pol.max_candidates, len(available if affinity else routable))
         assert len({e.id for e in decision.endpoints}) == len(decision.endpoints)
         assert all(e.available for e in decision.endpoints)
-        assert decision.matched_blocks >= 0
-        if decision.endpoints:
-            pol.observe(decision.endpoints[-1].id, route, float(step))
-
-
+        if decision.branch not in ("prefix_hit", "session"):  # new work: placed off saturated endpoints
+            assert decision.endpoints[:1] == [] or decision.endpoints[0] in routable
 @pytest.mark.parametrize("name", POLICIES)
 def test_no_available_endpoint_gives_an_empty_decision(name):
     eps = endpoints(3)
@@ -218,6 +219,44 @@ def test_unavailable_holder_sends_the_prefix_to_the_ring():
     assert decision.branch == "holder_unavailable" and decision.endpoints[0] is not eps[0]
 
 
+def ring_order(eps: list[Ep], route: RouteKeys) -> list[Ep]:
+    """The endpoints in the ring order of a prompt's ring key (its first two blocks)."""
+    by_id = {e.id: e for e in eps}
+    return [by_id[i] for i in HashRing([e.id for e in eps], SETTINGS["vnodes"]).walk(route.prefix[1])]
+
+
+def test_cold_prompt_skips_a_ring_owner_whose_kv_cache_is_saturated_and_the_branch_says_so():
+    eps = endpoints(4)
+    pol = policy("prefix")
+    route = keys(text_of("s", "a"))
+    owner, successor = ring_order(eps, route)[:2]
+    owner.saturated = True
+    decision = send(pol, eps, route, 0.0)
+    assert (decision.branch, decision.endpoints[0]) == ("kv_saturated", successor)
+    owner.saturated = False
+    assert (pol.pick(eps, route, 1.0).branch, pol.pick(eps, route, 1.0).endpoints[0]) == ("prefix_hit", successor)
+
+
+def test_holder_whose_kv_cache_is_saturated_keeps_its_prefix_hits():
+    eps = endpoints(4)
+    pol = policy("prefix")
+    route = keys(text_of("s", "a"))
+    pol.observe(eps[2].id, route, 0.0)
+    eps[2].saturated = True
+    decision = pol.pick(eps, route, 1.0)
+    assert (decision.branch, decision.endpoints[0]) == ("prefix_hit", eps[2])
+
+
+def test_every_endpoint_saturated_places_as_if_none_were():
+    eps = endpoints(4)
+    route = keys(text_of("s", "a"))
+    plain = policy("prefix").pick(eps, route, 0.0)
+    for e in eps:
+        e.saturated = True
+    assert policy("prefix").pick(eps, route, 0.0) == plain
+    assert policy("least_load").pick(eps, route, 0.0).endpoints[0] is eps[0]
+
+
 def test_request_without_prompt_goes_to_the_least_loaded_endpoint():
     eps = endpoints(3)
     eps[0].load, eps[1].load = 3.0, 1.0
@@ -346,6 +385,19 @@ def test_session_moves_once_when_its_endpoint_dies_and_stays_after_it_recovers()
     assert trace[30] == (order[1], "session_moved")
     assert all(t == (order[1], "session") for t in trace[31:])
     assert len(pol) == 1
+
+
+def test_new_session_is_placed_off_a_saturated_owner_while_a_placed_one_stays_on_its_endpoint():
+    eps = endpoints(4)
+    pol = policy("session")
+    old, new = keys(session="user-7"), keys(session="user-8")
+    home = send(pol, eps, old, 0.0).endpoints[0]
+    order = list(HashRing([e.id for e in eps], SETTINGS["vnodes"]).walk(new.session))
+    for e in eps:
+        e.saturated = e is home or e.id == order[0]
+    assert (send(pol, eps, old, 1.0).branch, send(pol, eps, old, 2.0).endpoints[0]) == ("session", home)
+    placed = send(pol, eps, new, 3.0)
+    assert placed.branch == "kv_saturated" and not placed.endpoints[0].saturated
 
 
 def test_with_one_ring_choice_an_unknown_session_is_presumed_on_its_ring_owner_and_keeps_its_slack():

@@ -65,6 +65,8 @@ def test_environment_overrides_nested_keys_and_list_items(tmp_path):
     ("[routing]\nload_factor = 0.5\n", "routing.load_factor"),
     ("[routing]\nring_load_factor = 0.99\n", "routing.ring_load_factor"),
     ("[limits]\nmax_body_bytes = 0\n", "limits.max_body_bytes"),
+    ("[health]\nkv_saturation = 1.5\n", "health.kv_saturation"),
+    ("[health]\nkv_saturation = 0\n", "health.kv_saturation"),
     (POOL.replace("http://127.0.0.1:30000", "127.0.0.1:30000"), "pools[0].endpoints[0]"),
     (POOL.replace('engine = "sglang"', 'engine = "trt"'), "pools[0].engine"),
     (POOL + POOL, "pools[1].name"),
