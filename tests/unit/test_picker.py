@@ -209,11 +209,14 @@ def test_holder_above_c_times_mean_overflows_to_the_ring_and_the_next_request_fi
     assert (second.branch, second.endpoints[0]) == ("prefix_hit", overflow.endpoints[0])
 
 
-def test_unavailable_holder_sends_the_prefix_to_the_ring():
+def test_holder_whose_kv_cache_is_saturated_keeps_its_prefix_but_an_unavailable_one_sends_it_to_the_ring():
     eps = endpoints(3)
     pol = policy("prefix")
     route = keys(text_of("s", "a"))
     pol.observe(eps[0].id, route, 0.0)
+    eps[0].saturated = True
+    decision = pol.pick(eps, route, 1.0)
+    assert (decision.branch, decision.endpoints[0]) == ("prefix_hit", eps[0])
     eps[0].available = False
     decision = pol.pick(eps, route, 1.0)
     assert decision.branch == "holder_unavailable" and decision.endpoints[0] is not eps[0]
@@ -235,16 +238,6 @@ def test_cold_prompt_skips_a_ring_owner_whose_kv_cache_is_saturated_and_the_bran
     assert (decision.branch, decision.endpoints[0]) == ("kv_saturated", successor)
     owner.saturated = False
     assert (pol.pick(eps, route, 1.0).branch, pol.pick(eps, route, 1.0).endpoints[0]) == ("prefix_hit", successor)
-
-
-def test_holder_whose_kv_cache_is_saturated_keeps_its_prefix_hits():
-    eps = endpoints(4)
-    pol = policy("prefix")
-    route = keys(text_of("s", "a"))
-    pol.observe(eps[2].id, route, 0.0)
-    eps[2].saturated = True
-    decision = pol.pick(eps, route, 1.0)
-    assert (decision.branch, decision.endpoints[0]) == ("prefix_hit", eps[2])
 
 
 def test_every_endpoint_saturated_places_as_if_none_were():
