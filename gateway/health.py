@@ -13,8 +13,8 @@ running + queued minus this process's in-flight at scrape time, i.e. the load ot
 gateway replicas put there. A scrape older than ``health.scrape_stale_s`` is ignored (foreign load
 taken as 0), and the switch is visible: ``gateway_engine_signal_stale`` and a log line.
 
-KV usage at or above ``health.kv_saturation`` marks the endpoint ``saturated``: the picker sends it
-no new requests while its pool has an endpoint that is not (``picker``, "KV saturation"). A stale
+KV usage at or above ``health.kv_saturation`` marks the endpoint ``saturated``: the picker places no
+new work there while its pool has an endpoint that is not (``picker``, "KV saturation"). A stale
 scrape clears the mark, as it clears the foreign load: routing falls back on this process's counts.
 Entering and leaving saturation is logged, and ``gateway_engine_kv_usage`` exports the usage.
 """
@@ -145,7 +145,7 @@ class HealthChecker:
             return
         ep.saturated = saturated
         if saturated:
-            log.warning("engine KV cache saturated; new requests go to other endpoints",
+            log.warning("engine KV cache saturated; new work goes to other endpoints",
                         extra={"fields": {"endpoint": ep.id, "pool": ep.pool, "kv_usage": ep.engine_kv_usage}})
         else:
             log.info("engine KV cache has room again", extra={"fields": {"endpoint": ep.id, "pool": ep.pool}})

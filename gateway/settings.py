@@ -138,9 +138,9 @@ class Health(_Section):
     healthy_threshold: int = 1
     scrape_interval_s: float = 1.0
     scrape_stale_s: float = 5.0
-    # KV usage (0-1, from the engine's metrics) from which an engine takes no new requests while
-    # another endpoint of its pool has room: past it, engines queue or preempt, and preempted
-    # requests prefill again.
+    # KV usage (0-1, from the engine's metrics) from which an engine takes no new work (cold
+    # prefixes, new sessions) while another endpoint of its pool has room: past it, engines queue
+    # or preempt, and preempted requests prefill again. Its prefix hits and sessions stay.
     kv_saturation: float = 0.9
 
 
