@@ -37,14 +37,18 @@ characters are treated as equal.
 
 Chat canonical form
 -------------------
-Each message is written as ``R<role>`` followed by its content, where every string is
-length-prefixed (``<len>:<text>``, a netstring without the trailing comma): ``S<text>`` for string
-content, ``N`` for none, and for a list of parts ``T<text>`` per text part, ``O<type><marker>`` per
-other part, then ``E``. Because lengths are explicit, no text can fake a role or message boundary,
-and a conversation's canonical text starts with the canonical text of each of its earlier turns, so
-the next turn matches the previous one's blocks. A non-text part's marker is a hash of its payload
-(image URL, audio data, file id), so the same image matches and two images do not collide, while a
-multi-megabyte data URL adds 16 characters, not megabytes, to the text.
+Each message is written as ``R<role>`` followed by its content. Text is written as it is, then a
+terminator: ``S<text>`` for string content, ``N`` for none, and for a list of parts ``T<text>`` per
+text part, ``O<type><marker>`` per other part, then ``E``. Role, type and marker are short and
+length-prefixed (``<len>:<text>``, a netstring without the trailing comma); a text ends with the
+two characters NUL NUL, and a NUL inside it is written NUL SOH, so no text can fake a role or
+message boundary. Text is not length-prefixed on purpose: two messages that start alike (the same
+document followed by different questions) then share their canonical text up to where they differ,
+as the engine's cache shares their tokens; with the length in front they would share nothing of
+that message. A conversation's canonical text starts with the canonical text of each of its
+earlier turns, so the next turn matches the previous one's blocks. A non-text part's marker is a
+hash of its payload (image URL, audio data, file id), so the same image matches and two images do
+not collide, while a multi-megabyte data URL adds 16 characters, not megabytes, to the text.
 
 Use: ``prefix_hashes(model, chat_text(messages, max_chars), block_chars, max_chars)`` for chat,
 ``prefix_hashes(model, prompt_text, block_chars, max_chars)`` for completions, and
@@ -132,7 +136,7 @@ def chat_text(messages: Iterable[Any], max_chars: int | None = None) -> str:
         content = message.content
         # Head and body stay separate pieces so that a long body is copied once, by the final join.
         if isinstance(content, str):
-            head, body = f"R{len(role)}:{role}S{len(content)}:", content
+            head, body = f"R{len(role)}:{role}S", _text(content, room)
         elif content is None:
             head, body = f"R{len(role)}:{role}N", ""
         else:
@@ -150,11 +154,17 @@ def chat_text(messages: Iterable[Any], max_chars: int | None = None) -> str:
 def _part_text(part: Any, room: int) -> str:
     kind = part.type
     if kind == "text":
-        text = part.text or ""
-        body = text if room < 0 or len(text) <= room else text[:room]
-        return f"T{len(text)}:{body}"
+        return "T" + _text(part.text or "", room)
     marker = _payload_marker(getattr(part, kind, None))
     return f"O{len(kind)}:{kind}{len(marker)}:{marker}"
+
+
+def _text(text: str, room: int) -> str:
+    """``text`` escaped and terminated (module docstring). Past ``room`` characters (when not -1)
+    the output is cut anyway, so only the first ``room`` are escaped: escaping never shortens."""
+    if 0 <= room < len(text):
+        text = text[:room]
+    return text.replace("\0", "\0\1") + "\0\0"
 
 
 def _payload_marker(payload: Any) -> str:

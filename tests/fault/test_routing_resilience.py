@@ -387,6 +387,26 @@ def test_holder_pushed_past_its_load_bound_by_a_slow_engine_overflows_to_other_e
     assert ratio <= 1.3, ratio
 
 
+def test_questions_about_one_document_in_one_user_message_land_where_the_document_is_cached(simulator, gateway):
+    """Scenario 11: retrieval-style prompts carry the document and the question in one user
+    message. The document is a shared prefix of the message, so after the first question every
+    question goes to the replica that prefilled it and the engine reuses its KV pages."""
+    sim = simulator("sglang", replicas=4)
+    gw = gateway(HEALTH + ENDPOINT_HEADER + pool_toml("s", "sglang", "interactive", sim.urls))
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)
+    document = "Document: " + " ".join(f"fact-{i:04d}" for i in range(500))  # about 1,300 tokens
+    questions = ["Which fact comes first?", "How many facts are there?", "Is fact-0042 listed?",
+                 "Summarise the document in one line, please.", "Which is last?", "Anything odd?"]
+    chosen = [client.chat.completions.with_raw_response.create(
+        model=MODEL, max_tokens=2, messages=[{"role": "user", "content": f"{document}\n\nQuestion: {q}"}],
+    ).headers["x-gateway-endpoint"] for q in questions]
+    assert len(set(chosen)) == 1, chosen
+    (replica,) = [i for i, e in enumerate(endpoint_ids(sim)) if e == chosen[0]]
+    cached = sorted(r["cached_tokens"] for r in sim.requests(replica))
+    document_tokens = len(document.encode()) // 4  # the simulator's 4 bytes a token
+    assert cached[0] == 0 and all(c >= 0.9 * document_tokens for c in cached[1:]), cached
+
+
 # -- 12. batch fallback isolation -------------------------------------------------------------------
 
 def chat_body(content: str, **extra) -> bytes:

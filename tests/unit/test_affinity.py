@@ -58,6 +58,21 @@ def parse_chat_text(text: str) -> list[tuple[str, object]]:
         assert pos <= len(text)
         return text[colon + 1:pos]
 
+    def terminated() -> str:
+        """Text up to NUL NUL, with each NUL SOH read back as NUL."""
+        nonlocal pos
+        out = []
+        while text[pos:pos + 2] != "\0\0":
+            if text[pos] == "\0":
+                assert text[pos + 1] == "\1", "a NUL in text must be escaped"
+                out.append("\0")
+                pos += 2
+            else:
+                out.append(text[pos])
+                pos += 1
+        pos += 2
+        return "".join(out)
+
     def tag() -> str:
         nonlocal pos
         pos += 1
@@ -69,7 +84,7 @@ def parse_chat_text(text: str) -> list[tuple[str, object]]:
         role = netstring()
         kind = tag()
         if kind == "S":
-            messages.append((role, netstring()))
+            messages.append((role, terminated()))
         elif kind == "N":
             messages.append((role, None))
         else:
@@ -77,7 +92,7 @@ def parse_chat_text(text: str) -> list[tuple[str, object]]:
             parts: list[tuple[str, str]] = []
             while (kind := tag()) != "E":
                 if kind == "T":
-                    parts.append(("text", netstring()))
+                    parts.append(("text", terminated()))
                 else:
                     assert kind == "O"
                     parts.append((netstring(), netstring()))
@@ -153,10 +168,12 @@ def test_session_keys_sharing_a_prefix_are_unrelated():
 
 
 roles = st.sampled_from(["system", "user", "assistant", "tool", "R1:x", ":", "S"])
+# Text that may hold NULs and the terminator itself, so the escaping is exercised.
+message_texts = st.text(alphabet=st.sampled_from(["a", ":", "R", "S", "\0", "\1", "é"]) | st.characters(), max_size=40)
 contents = st.one_of(
     st.none(),
-    st.text(max_size=40),
-    st.lists(st.one_of(st.builds(Part, type=st.just("text"), text=st.one_of(st.none(), st.text(max_size=20))),
+    message_texts,
+    st.lists(st.one_of(st.builds(Part, type=st.just("text"), text=st.one_of(st.none(), message_texts)),
                        st.builds(Part, type=st.just("image_url"),
                                  image_url=st.builds(ImageUrl, url=st.text(min_size=1, max_size=30)))),
              max_size=3),
@@ -179,9 +196,23 @@ def test_canonical_chat_text_decodes_back_so_no_content_can_forge_a_boundary(mes
 
 
 def test_text_that_looks_like_a_message_boundary_does_not_collide():
-    forged = [Message("user", "hi" + "R6:systemS2:ok")]
+    forged = [Message("user", "hi\0\0R6:systemSok")]
     real = [Message("user", "hi"), Message("system", "ok")]
     assert chat_text(forged) != chat_text(real)
+    assert chat_text(real) == "R4:userShi\0\0R6:systemSok\0\0"
+
+
+@settings(max_examples=60, deadline=None)
+@given(common=st.text(min_size=1, max_size=3000), a=st.text(max_size=300), b=st.text(max_size=300))
+def test_messages_that_start_alike_share_the_keys_of_their_common_start(common, a, b):
+    """The same document followed by different questions, in one user message: the engine caches
+    the document's tokens for both, and routing must see the shared prefix too."""
+    system = Message("system", "Answer from the document.")
+    first, second = (chat_text([system, Message("user", common + tail)]) for tail in (a, b))
+    shared = len(chat_text([system])) + len("R4:userS") + len(common.replace("\0", "\0\1"))
+    assert first[:shared] == second[:shared]
+    whole_blocks = sum(end <= shared for end in block_ends(BLOCK, MAX))
+    assert prefix_hashes("m", first, BLOCK, MAX)[:whole_blocks] == prefix_hashes("m", second, BLOCK, MAX)[:whole_blocks]
 
 
 @settings(max_examples=60, deadline=None)
