@@ -134,7 +134,7 @@ def chat_text(messages: Iterable[Any], max_chars: int | None = None) -> str:
     for message in messages:
         role = message.role
         content = message.content
-        # Head and body stay separate pieces so that a long body is copied once, by the final join.
+        # Head and body stay separate pieces, so that a long body is not copied again to put its head in front.
         if isinstance(content, str):
             head, body = f"R{len(role)}:{role}S", _text(content, room)
         elif content is None:
