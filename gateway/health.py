@@ -7,10 +7,10 @@ rotation.
 Load signals: every ``health.scrape_interval_s`` each engine's ``/metrics`` is read for its running
 and queued requests and KV usage (SGLang ``sglang:num_running_reqs``, ``sglang:num_queue_reqs``,
 ``sglang:token_usage``; vLLM ``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
-``vllm:kv_cache_usage_perc``). The engine's count includes this process's own requests, which the
-gateway already counts exactly and without delay, so what is kept is the *foreign* part: engine
-running + queued minus this process's in-flight at scrape time, i.e. the load other workers and
-gateway replicas put there. A scrape older than ``health.scrape_stale_s`` is ignored (foreign load
+``vllm:kv_cache_usage_perc``, or ``vllm:gpu_cache_usage_perc`` from older vLLM). The engine's
+count includes this process's own requests, which the gateway already counts exactly and without
+delay, so what is kept is the *foreign* part: engine running + queued minus this process's
+in-flight at scrape time, i.e. the load other workers and gateway replicas put there. A scrape older than ``health.scrape_stale_s`` is ignored (foreign load
 taken as 0), and the switch is visible: ``gateway_engine_signal_stale`` and a log line.
 
 KV usage at or above ``health.kv_saturation`` marks the endpoint ``saturated``: the picker places no
@@ -168,7 +168,8 @@ class HealthChecker:
 
 _RUNNING = ("sglang:num_running_reqs", "vllm:num_requests_running")
 _WAITING = ("sglang:num_queue_reqs", "vllm:num_requests_waiting")
-_KV = ("sglang:token_usage", "vllm:kv_cache_usage_perc")
+# vLLM before the V1 metrics exports KV usage only under its deprecated name, gpu_cache_usage_perc.
+_KV = ("sglang:token_usage", "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
 
 
 def engine_signals(text: str) -> tuple[float, float, float] | None:

@@ -28,3 +28,8 @@ def test_vllm_label_sets_are_summed_and_kv_usage_is_the_worst_engine():
 def test_metrics_without_load_signals_count_as_missing():
     assert engine_signals("# nothing here\nprocess_cpu_seconds_total 1.0\n") is None
     assert engine_signals("sglang:num_running_reqs not-a-number\n") is None
+
+
+def test_kv_usage_is_read_from_older_vllm_under_its_deprecated_name():
+    older = VLLM.replace("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+    assert engine_signals(older) == (5.0, 7.0, 0.75)
