@@ -10,8 +10,9 @@ and queued requests and KV usage (SGLang ``sglang:num_running_reqs``, ``sglang:n
 ``vllm:kv_cache_usage_perc``, or ``vllm:gpu_cache_usage_perc`` from older vLLM). The engine's
 count includes this process's own requests, which the gateway already counts exactly and without
 delay, so what is kept is the *foreign* part: engine running + queued minus this process's
-in-flight at scrape time, i.e. the load other workers and gateway replicas put there. A scrape older than ``health.scrape_stale_s`` is ignored (foreign load
-taken as 0), and the switch is visible: ``gateway_engine_signal_stale`` and a log line.
+in-flight at scrape time, i.e. the load other workers and gateway replicas put there. A scrape
+older than ``health.scrape_stale_s`` is ignored (foreign load taken as 0), and the switch is
+visible: ``gateway_engine_signal_stale`` and a log line.
 
 KV usage at or above ``health.kv_saturation`` marks the endpoint ``saturated``: the picker places no
 new work there while its pool has an endpoint that is not (``picker``, "KV saturation"). A stale

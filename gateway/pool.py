@@ -2,7 +2,8 @@
 
 An :class:`Endpoint` carries everything routing reads about a replica: its in-flight count in this
 process, what the engine itself last reported (running and queued requests, KV usage, and whether
-that usage marks its KV cache as saturated), its health, and its slow-start weight. Health and scrapes update these fields; the picker only reads them.
+that usage marks its KV cache as saturated), its health, and its slow-start weight. Health and
+scrapes update these fields; the picker only reads them.
 """
 
 from __future__ import annotations
