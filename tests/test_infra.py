@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +274,17 @@ def test_prometheus_rules_select_only_series_the_gateway_and_engines_export(rule
     # Both sides are really covered, so the check above is not vacuous.
     assert used & gateway_series() and used & {n for n in engine_names if n.startswith("sglang:")} \
         and used & {n for n in engine_names if n.startswith("vllm:")}
+
+
+@pytest.mark.parametrize("check", ["check", "test"])
+def test_promtool_accepts_the_rules_and_their_unit_tests_pass(check):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package prometheus)")
+    target = {"check": "rules.yaml", "test": "rules_test.yaml"}[check]
+    result = subprocess.run([promtool, check, "rules", target], cwd=INFRA / "prometheus",
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_every_alert_has_a_severity_a_summary_and_a_hold_time(rules):
