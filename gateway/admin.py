@@ -2,7 +2,8 @@
 
 It serves what operators and Prometheus need (``/metrics``, ``/healthz``, ``/readyz``) and the
 control plane: list endpoints with health and load, eject or restore an endpoint, drain the process,
-reload API keys. None of it exists on the public listener. When API keys are configured, every
+reload API keys. In the list, ``kv_usage`` is the engine's last reported value: while
+``signal_stale`` is true it is out of date, and routing ignores it (and the engine's foreign load). None of it exists on the public listener. When API keys are configured, every
 ``/admin/*`` call needs an admin-role key (401 without a valid key, 403 with a user key); every
 action writes one audit log line naming the key id, never the key.
 """
@@ -71,7 +72,7 @@ def admin_app(*, pools: list[Pool], router: Router, lifecycle: Lifecycle, ledger
             {"pool": p.name, "engine": p.engine, "role": p.role, "endpoint": e.id, "healthy": e.healthy,
              "available": e.available, "ejected_for_s": round(max(0.0, e.ejected_until - now), 3),
              "panic": p.panic, "in_flight": e.in_flight, "load": e.load, "weight": round(e.weight, 3),
-             "kv_usage": e.engine_kv_usage, "saturated": e.saturated}
+             "kv_usage": e.engine_kv_usage, "saturated": e.saturated, "signal_stale": e.signal_stale}
             for p in pools for e in p.endpoints]), content_type="application/json")
 
     async def eject(request: web.Request, key_id: str) -> web.Response:

@@ -155,7 +155,7 @@ class HealthChecker:
         now = time.monotonic()
         for pool in self.pools:
             for ep in pool.endpoints:
-                stale = now - ep.engine_seen_at > self.config.scrape_stale_s
+                ep.signal_stale = stale = now - ep.engine_seen_at > self.config.scrape_stale_s
                 if stale:
                     ep.engine_foreign = 0.0
                     self._mark_saturated(ep, False)

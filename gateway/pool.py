@@ -15,7 +15,7 @@ from gateway import settings as cfg
 
 class Endpoint:
     __slots__ = ("id", "pool", "host", "port", "in_flight", "healthy", "ejected_until", "panic", "available",
-                 "weight", "engine_foreign", "engine_kv_usage", "engine_seen_at", "saturated")
+                 "weight", "engine_foreign", "engine_kv_usage", "engine_seen_at", "saturated", "signal_stale")
 
     def __init__(self, url: str, pool: str):
         parts = urlsplit(url)
@@ -36,6 +36,8 @@ class Endpoint:
         self.engine_seen_at = 0.0
         # The engine's last fresh scrape put its KV usage at or above `health.kv_saturation`.
         self.saturated = False
+        # No fresh scrape within `health.scrape_stale_s`: the engine_* fields are last known values.
+        self.signal_stale = True
 
     def refresh(self) -> None:
         self.available = self.healthy and (self.panic or not self.ejected_until)

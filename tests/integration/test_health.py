@@ -39,18 +39,20 @@ def test_load_other_clients_put_on_an_engine_counts_in_routing(simulator, gatewa
         t.join(timeout=5)
 
 
-def test_stale_engine_signal_is_visible_in_metrics(simulator, gateway):
+def test_stale_engine_signal_is_visible_in_metrics_and_admin(simulator, gateway):
     sim = simulator("sglang", replicas=1)
     gw = gateway('[health]\ninterval_s = 60\nscrape_interval_s = 0.1\nscrape_stale_s = 0.5\n'
                  + pool_toml("s", "sglang", "interactive", sim.urls))
     time.sleep(0.5)
     assert 'gateway_engine_signal_stale{endpoint="127.0.0.1:%d",pool="s"} 0.0' % sim.ports[0] in gw.metrics()
+    assert endpoints(gw)[f"127.0.0.1:{sim.ports[0]}"]["signal_stale"] is False
     sim.stop()
     deadline = time.monotonic() + 5
     while 'gateway_engine_signal_stale{endpoint="127.0.0.1:%d",pool="s"} 1.0' % sim.ports[0] not in gw.metrics():
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert "engine load signal stale" in gw.log()
+    assert endpoints(gw)[f"127.0.0.1:{sim.ports[0]}"]["signal_stale"] is True
 
 
 def test_endpoint_leaves_rotation_when_its_health_check_fails_and_returns(simulator, gateway):
