@@ -12,7 +12,8 @@ count includes this process's own requests, which the gateway already counts exa
 delay, so what is kept is the *foreign* part: engine running + queued minus this process's
 in-flight at scrape time, i.e. the load other workers and gateway replicas put there. A scrape
 older than ``health.scrape_stale_s`` is ignored (foreign load taken as 0), and the switch is
-visible: ``gateway_engine_signal_stale`` and a log line.
+visible: ``Endpoint.signal_stale`` (in ``/admin/endpoints``), ``gateway_engine_signal_stale`` (1 from
+start-up until the first scrape), and a log line when a fresh signal goes stale.
 
 KV usage at or above ``health.kv_saturation`` marks the endpoint ``saturated``: the picker places no
 new work there while its pool has an endpoint that is not (``picker``, "KV saturation"). A stale
@@ -51,8 +52,10 @@ class HealthChecker:
         self._fails: dict[str, int] = {}
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
-        self._stale: dict[str, bool] = {}
         self._was_healthy: set[str] = set()
+        for pool in pools:
+            for ep in pool.endpoints:  # stale (Endpoint.signal_stale) until the first scrape
+                metrics.child(metrics.engine_signal_stale, ep.pool, ep.id).set(1)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -155,12 +158,12 @@ class HealthChecker:
         now = time.monotonic()
         for pool in self.pools:
             for ep in pool.endpoints:
-                ep.signal_stale = stale = now - ep.engine_seen_at > self.config.scrape_stale_s
+                stale = now - ep.engine_seen_at > self.config.scrape_stale_s
                 if stale:
                     ep.engine_foreign = 0.0
                     self._mark_saturated(ep, False)
-                if stale != self._stale.get(ep.id):
-                    self._stale[ep.id] = stale
+                if stale != ep.signal_stale:
+                    ep.signal_stale = stale
                     self.metrics.child(self.metrics.engine_signal_stale, ep.pool, ep.id).set(1 if stale else 0)
                     if stale:
                         log.warning("engine load signal stale; routing on this process's own counts",
