@@ -12,8 +12,8 @@ count includes this process's own requests, which the gateway already counts exa
 delay, so what is kept is the *foreign* part: engine running + queued minus this process's
 in-flight at scrape time, i.e. the load other workers and gateway replicas put there. A scrape
 older than ``health.scrape_stale_s`` is ignored (foreign load taken as 0), and the switch is
-visible: ``Endpoint.signal_stale`` (in ``/admin/endpoints``), ``gateway_engine_signal_stale`` (1 from
-start-up until the first scrape), and a log line when a fresh signal goes stale.
+visible: ``Endpoint.signal_stale`` (in ``/admin/endpoints``), ``gateway_engine_signal_stale``, and a
+log line (also at start-up for an engine that has not answered a scrape yet).
 
 KV usage at or above ``health.kv_saturation`` marks the endpoint ``saturated``: the picker places no
 new work there while its pool has an endpoint that is not (``picker``, "KV saturation"). A stale
@@ -53,9 +53,6 @@ class HealthChecker:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
         self._was_healthy: set[str] = set()
-        for pool in pools:
-            for ep in pool.endpoints:  # stale (Endpoint.signal_stale) until the first scrape
-                metrics.child(metrics.engine_signal_stale, ep.pool, ep.id).set(1)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(

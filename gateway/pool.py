@@ -37,7 +37,8 @@ class Endpoint:
         # The engine's last fresh scrape put its KV usage at or above `health.kv_saturation`.
         self.saturated = False
         # No fresh scrape within `health.scrape_stale_s`: the engine_* fields are last known values.
-        self.signal_stale = True
+        # None until the health checker's first pass, which therefore reports every endpoint's state.
+        self.signal_stale: bool | None = None
 
     def refresh(self) -> None:
         self.available = self.healthy and (self.panic or not self.ejected_until)
