@@ -2,12 +2,13 @@
 
 It serves what operators and Prometheus need (``/metrics``, ``/healthz``, ``/readyz``) and the
 control plane: list endpoints with health and load, eject or restore an endpoint, drain the process,
-reload API keys. In the list, ``kv_usage`` is the engine's last reported value: while
-``signal_stale`` is true it is out of date, and routing ignores it (and the engine's foreign load);
-``signal_stale`` is null until the first round of scrapes.
-None of it exists on the public listener. When API keys are configured, every ``/admin/*`` call
-needs an admin-role key (401 without a valid key, 403 with a user key); every action writes one
-audit log line naming the key id, never the key.
+reload API keys. None of it exists on the public listener. When API keys are configured, every
+``/admin/*`` call needs an admin-role key (401 without a valid key, 403 with a user key); every
+action writes one audit log line naming the key id, never the key.
+
+In the endpoint list, ``kv_usage`` is the engine's last reported value: while ``signal_stale`` is
+true it is out of date, and routing ignores it (and the engine's foreign load); ``signal_stale`` is
+null until the first round of scrapes.
 """
 
 from __future__ import annotations

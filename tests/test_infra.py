@@ -276,12 +276,11 @@ def test_prometheus_rules_select_only_series_the_gateway_and_engines_export(rule
         and used & {n for n in engine_names if n.startswith("vllm:")}
 
 
-@pytest.mark.parametrize("check", ["check", "test"])
-def test_promtool_accepts_the_rules_and_their_unit_tests_pass(check):
+@pytest.mark.parametrize(("check", "target"), [("check", "rules.yaml"), ("test", "rules_test.yaml")])
+def test_promtool_accepts_the_rules_and_their_unit_tests_pass(check, target):
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed (Debian package prometheus)")
-    target = {"check": "rules.yaml", "test": "rules_test.yaml"}[check]
     result = subprocess.run([promtool, check, "rules", target], cwd=INFRA / "prometheus",
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
