@@ -34,8 +34,6 @@ audit = logging.getLogger("gateway.audit")
 
 def admin_app(*, pools: list[Pool], router: Router, lifecycle: Lifecycle, ledger: Ledger,
               outlier: OutlierDetector, keys: KeyStore, request_drain: Callable[[], None]) -> web.Application:
-    endpoints_by_id = {(p.name, e.id): e for p in pools for e in p.endpoints}
-
     def admin_action(handler: Callable[[web.Request, str], Awaitable[web.Response]]):
         async def wrapped(request: web.Request) -> web.Response:
             try:
@@ -53,10 +51,12 @@ def admin_app(*, pools: list[Pool], router: Router, lifecycle: Lifecycle, ledger
             "action": action, "key_id": key_id, "peer": request.remote, **fields}})
 
     def find(request: web.Request):
-        ep = endpoints_by_id.get((request.match_info["pool"], request.match_info["endpoint"]))
-        if ep is None:
-            raise web.HTTPNotFound(text="no such pool/endpoint")
-        return ep
+        # Looked up per request: a pool with an `srv` name changes its replicas as DNS changes.
+        name, endpoint = request.match_info["pool"], request.match_info["endpoint"]
+        for ep in (e for p in pools if p.name == name for e in p.endpoints):
+            if ep.id == endpoint:
+                return ep
+        raise web.HTTPNotFound(text="no such pool/endpoint")
 
     async def metrics_text(request: web.Request) -> web.Response:
         return web.Response(body=ledger.exposition(),

@@ -2,7 +2,8 @@
 
 Nothing else in the package reaches for module-level state; a test can build two gateways in one
 process. :class:`Gateway` owns the public listener (uvloop Protocols, ``server.py``), the admin
-listener (aiohttp, ``admin.py``), the upstream pool, the health checker, and the drain sequence.
+listener (aiohttp, ``admin.py``), the upstream pool, the health checker, replica discovery, and the
+drain sequence.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 
 from aiohttp import web
 
+from gateway.discovery import Discovery
 from gateway.errors import GatewayError
 from gateway.admin import admin_app, start_admin
 from gateway.auth import KeyFileError, KeyStore, pepper_from_env
@@ -63,6 +65,7 @@ class Gateway:
                                      self.lifecycle, s.models(), s.listen.public_metrics,
                                      frozenset(h.lower() for h in s.limits.media_url_allowlist))
         self.health = HealthChecker(self.pools, s.health, self.metrics, self.outlier, self.admission)
+        self.discovery = Discovery(self.pools, s.discovery, self.health, self.upstream, self.metrics)
         self.server = HttpServer(
             {
                 b"/v1/chat/completions": {b"POST": h.chat_completions},
@@ -82,6 +85,7 @@ class Gateway:
     async def start(self, reuse_port: bool = False) -> None:
         self.ledger.start()
         await self.health.start()
+        await self.discovery.start()
         # Admin first: once the public port answers (and /readyz says ready), metrics, endpoint
         # state and drain must be reachable too.
         if self.serve_admin:
@@ -126,6 +130,7 @@ class Gateway:
 
     async def stop(self) -> None:
         await self.server.close()
+        await self.discovery.stop()
         await self.health.stop()
         self.upstream.close()
         if self._admin_runner is not None:

@@ -52,7 +52,9 @@ class HealthChecker:
         self._fails: dict[str, int] = {}
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task] = []
-        self._was_healthy: set[str] = set()
+        # Endpoints that slow-start when they next pass: those that were healthy before, and replicas
+        # that joined the pool after start-up (their caches are cold).
+        self._ramp_up: set[str] = set()
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -77,6 +79,19 @@ class HealthChecker:
     async def check_all(self) -> None:
         await asyncio.gather(*(self._check(pool, ep) for pool in self.pools for ep in pool.endpoints))
 
+    async def welcome(self, pool: Pool, endpoints: list[Endpoint], slow_start: bool) -> None:
+        """Check replicas before they join ``pool``, so that they join healthy rather than wait for the
+        next round (and do not count as down in the meantime)."""
+        if slow_start:
+            self._ramp_up.update(ep.id for ep in endpoints)
+        await asyncio.gather(*(self._check(pool, ep) for ep in endpoints))
+
+    def forget(self, ep: Endpoint) -> None:
+        """``ep`` left its pool: a replica that comes back under its name starts over."""
+        self._passes.pop(ep.id, None)
+        self._fails.pop(ep.id, None)
+        self._ramp_up.discard(ep.id)
+
     async def _check(self, pool: Pool, ep: Endpoint) -> None:
         url = f"http://{ep.id}{pool.config.health_path}"
         try:
@@ -95,9 +110,9 @@ class HealthChecker:
                 ep.healthy = True
                 ep.refresh()
                 log.info("endpoint healthy", extra={"fields": {"endpoint": ep.id, "pool": ep.pool}})
-                if ep.id in self._was_healthy:
-                    self.outlier.returned(ep, time.monotonic())  # back after failing: slow start
-                self._was_healthy.add(ep.id)
+                if ep.id in self._ramp_up:
+                    self.outlier.returned(ep, time.monotonic())
+                self._ramp_up.add(ep.id)
         else:
             self._passes[ep.id] = 0
             self._fails[ep.id] = self._fails.get(ep.id, 0) + 1

@@ -87,6 +87,13 @@ class Metrics:
         self.tokens = Counter(
             "gateway_tokens_total", "Tokens reported by engines in usage, by kind (prompt, cached, completion).",
             ["model", "pool", "kind"], registry=r)
+        self.discovered = Gauge(
+            "gateway_discovery_endpoints", "Replicas the pool's DNS SRV name last resolved to.",
+            ["pool"], multiprocess_mode="livemax", registry=r)
+        self.discovery_failures = Counter(
+            "gateway_discovery_failures_total",
+            "DNS lookups of a pool's SRV name that failed (the pool keeps its last replicas), by reason.",
+            ["pool", "reason"], registry=r)
         self.upstream_connects = Counter(
             "gateway_upstream_connects_total", "New upstream TCP connections opened.", registry=r)
         self._children: dict[tuple, object] = {}
@@ -97,6 +104,13 @@ class Metrics:
         if c is None:
             c = self._children[key] = metric.labels(*labels)
         return c
+
+    def forget_endpoint(self, pool: str, endpoint: str) -> None:
+        """Drop a departed replica's gauges, which would otherwise report its last values for good.
+        prometheus-client cannot remove series in multiprocess mode: there they stay until restart."""
+        for metric in (self.in_flight, self.endpoint_healthy, self.engine_signal_stale, self.engine_kv_usage):
+            if self._children.pop((id(metric), (pool, endpoint)), None) is not None and not self.multiprocess:
+                metric.remove(pool, endpoint)
 
     def exposition(self) -> bytes:
         if self.multiprocess:

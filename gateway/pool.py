@@ -3,7 +3,8 @@
 An :class:`Endpoint` carries everything routing reads about a replica: its in-flight count in this
 process, what the engine itself last reported (running and queued requests, KV usage, and whether
 that usage marks its KV cache as saturated), its health, and its slow-start weight. Health and
-scrapes update these fields; the picker only reads them.
+scrapes update these fields; the picker only reads them. A pool's replicas are fixed by its
+``endpoints`` or, for a pool with an ``srv`` name, replaced as DNS changes (``discovery.py``).
 """
 
 from __future__ import annotations
@@ -66,6 +67,25 @@ class Pool:
         self.panic = False
         self.auth_header = (b"authorization: Bearer " + config.api_key.encode() + b"\r\n"
                             if config.api_key else b"")
+
+    def replace_endpoints(self, found: list[Endpoint]) -> tuple[list[Endpoint], list[Endpoint]]:
+        """Make ``found`` the pool's replicas; returns (joined, left). A replica already in the pool keeps
+        its Endpoint, and with it its health, load and in-flight count. The list is replaced, never
+        edited in place, so a request that holds the old list finishes with it."""
+        current = {e.id: e for e in self.endpoints}
+        chosen: dict[str, Endpoint] = {}
+        joined: list[Endpoint] = []
+        for ep in found:
+            if ep.id in chosen:
+                continue
+            kept = current.pop(ep.id, None)
+            if kept is None:
+                ep.panic = self.panic
+                ep.refresh()
+                joined.append(ep)
+            chosen[ep.id] = kept or ep
+        self.endpoints = list(chosen.values())
+        return joined, list(current.values())
 
     def set_panic(self, panic: bool) -> None:
         self.panic = panic

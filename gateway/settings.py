@@ -13,6 +13,7 @@ when it fails:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from typing import Any, Literal
@@ -49,7 +50,10 @@ class Pool(_Section):
     engine: EngineKind
     role: Role
     models: list[str]
-    endpoints: list[str]
+    # The replicas: fixed URLs (http://host:port), or `srv`, a DNS SRV name whose targets are the
+    # replicas, re-read every `discovery.interval_s` (gateway/discovery.py). Exactly one of the two.
+    endpoints: list[str] = msgspec.field(default_factory=list)
+    srv: str | None = None
     # None picks the role's default: prefix-aware for interactive pools, least-load for batch pools.
     policy: PolicyName | None = None
     # Credential the gateway presents to the engines; the client's own key never reaches them.
@@ -144,6 +148,17 @@ class Health(_Section):
     kv_saturation: float = 0.9
 
 
+class Discovery(_Section):
+    """How pools with an `srv` name find their replicas (see gateway/discovery.py)."""
+
+    interval_s: float = 10.0
+    # One lookup, retries over the nameservers included.
+    timeout_s: float = 2.0
+    # "host" or "host:port" (port 53 when omitted). Empty: the system's resolver configuration
+    # (/etc/resolv.conf), which in Kubernetes is the cluster DNS.
+    nameservers: list[str] = msgspec.field(default_factory=list)
+
+
 class Admission(_Section):
     """Bounded wait queues per pool and traffic class (see gateway/admission.py)."""
 
@@ -197,6 +212,7 @@ class Settings(_Section):
     limits: Limits = msgspec.field(default_factory=Limits)
     routing: Routing = msgspec.field(default_factory=Routing)
     health: Health = msgspec.field(default_factory=Health)
+    discovery: Discovery = msgspec.field(default_factory=Discovery)
     outlier: Outlier = msgspec.field(default_factory=Outlier)
     admission: Admission = msgspec.field(default_factory=Admission)
     retry_budget: RetryBudget = msgspec.field(default_factory=RetryBudget)
@@ -275,7 +291,7 @@ def _validate(s: Settings) -> None:
             raise bad(key, f"must be a TCP port (0-65535), got {port}")
     if s.workers < 1:
         raise bad("workers", "must be at least 1")
-    for section in ("timeouts", "limits", "health", "outlier", "admission"):
+    for section in ("timeouts", "limits", "health", "discovery", "outlier", "admission"):
         for field, value in msgspec.structs.asdict(getattr(s, section)).items():
             if isinstance(value, (int, float)) and value <= 0:
                 raise bad(f"{section}.{field}", f"must be positive, got {value}")
@@ -306,8 +322,13 @@ def _validate(s: Settings) -> None:
         names.add(pool.name)
         if not pool.models:
             raise bad(f"{where}.models", "must name at least one model")
-        if not pool.endpoints:
-            raise bad(f"{where}.endpoints", "must list at least one endpoint URL")
+        if pool.srv is not None:
+            if pool.endpoints:
+                raise bad(f"{where}.srv", "and `endpoints` exclude each other: replicas come from one or the other")
+            if not _is_srv_name(pool.srv):
+                raise bad(f"{where}.srv", f"must be a DNS SRV name like _http._tcp.service.namespace.svc, got {pool.srv!r}")
+        elif not pool.endpoints:
+            raise bad(f"{where}.endpoints", "must list at least one endpoint URL (or set `srv`)")
         for j, url in enumerate(pool.endpoints):
             parts = urlsplit(url)
             if parts.scheme != "http" or not parts.hostname or not parts.port or parts.path not in ("", "/"):
@@ -317,3 +338,31 @@ def _validate(s: Settings) -> None:
         for key in ("health_path", "metrics_path"):
             if not getattr(pool, key).startswith("/"):
                 raise bad(f"{where}.{key}", "must start with /")
+    for i, server in enumerate(s.discovery.nameservers):
+        if nameserver(server) is None:
+            raise bad(f"discovery.nameservers[{i}]", f"must be an IP address, optionally with :port, got {server!r}")
+
+
+def _is_srv_name(name: str) -> bool:
+    labels = name.rstrip(".").split(".")
+    return (len(labels) >= 3 and labels[0].startswith("_") and labels[1] in ("_tcp", "_udp")
+            and all(0 < len(label) <= 63 for label in labels))
+
+
+def nameserver(server: str) -> tuple[str, int] | None:
+    """(address, port) of a `discovery.nameservers` entry ("10.0.0.10", "10.0.0.10:53", "[fd00::a]:53"),
+    or None if it is not one."""
+    if server.startswith("["):
+        host, _, port = server[1:].partition("]")
+        port = port.removeprefix(":") or "53"
+    elif server.count(":") == 1:
+        host, _, port = server.partition(":")
+    else:
+        host, port = server, "53"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if not port.isdigit() or not 0 < int(port) <= 65535:
+        return None
+    return host, int(port)

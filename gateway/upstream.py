@@ -82,6 +82,11 @@ class Upstream:
         if idle and conn in idle:
             idle.remove(conn)
 
+    def drop(self, host: str, port: int) -> None:
+        """Close the idle connections to a replica that left its pool."""
+        for conn in self._idle.pop((host, port), ()):
+            conn.close()
+
     def close(self) -> None:
         for idle in self._idle.values():
             for conn in idle:

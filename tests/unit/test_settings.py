@@ -37,6 +37,14 @@ def test_defaults_apply_when_keys_are_absent(tmp_path):
     assert s.admin.host == "127.0.0.1"
 
 
+def test_a_pool_may_take_its_replicas_from_a_dns_srv_name_instead_of_a_list(tmp_path):
+    text = POOL.replace('endpoints = ["http://127.0.0.1:30000"]', 'srv = "_http._tcp.engines.inference.svc"')
+    s = settings.load(write(tmp_path, text + '[discovery]\nnameservers = ["10.96.0.10", "[fd00::a]:5353"]\n'),
+                      environ={})
+    assert (s.pools[0].srv, s.pools[0].endpoints) == ("_http._tcp.engines.inference.svc", [])
+    assert [settings.nameserver(n) for n in s.discovery.nameservers] == [("10.96.0.10", 53), ("fd00::a", 5353)]
+
+
 def test_settings_are_frozen(tmp_path):
     s = settings.load(write(tmp_path, POOL), environ={})
     with pytest.raises(AttributeError):
@@ -70,6 +78,11 @@ def test_environment_overrides_nested_keys_and_list_items(tmp_path):
     (POOL.replace("http://127.0.0.1:30000", "127.0.0.1:30000"), "pools[0].endpoints[0]"),
     (POOL.replace('engine = "sglang"', 'engine = "trt"'), "pools[0].engine"),
     (POOL + POOL, "pools[1].name"),
+    (POOL + 'srv = "_http._tcp.engines.inference.svc"\n', "pools[0].srv"),
+    (POOL.replace('endpoints = ["http://127.0.0.1:30000"]', 'srv = "engines.inference.svc"'), "pools[0].srv"),
+    (POOL.replace('endpoints = ["http://127.0.0.1:30000"]', ''), "pools[0].endpoints"),
+    (POOL + '[discovery]\nnameservers = ["dns.local:53"]\n', "discovery.nameservers[0]"),
+    ('[discovery]\ninterval_s = 0\n', "discovery.interval_s"),
 ])
 def test_invalid_config_fails_fast_naming_the_bad_key(tmp_path, text, key):
     with pytest.raises(settings.SettingsError) as e:
