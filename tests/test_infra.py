@@ -7,7 +7,8 @@ Cross-checks, each against the real source rather than a copy of it:
   ``gateway.metrics.Metrics`` registers, and the engines', read from the ``/metrics`` of a running
   SGLang and vLLM simulator (which export the engines' own names);
 - the ConfigMap's TOML loads with ``gateway.settings.load`` plus the Deployment's env overrides, and
-  its ports, drain window and pool endpoints match the Deployment, the probes and the StatefulSets;
+  its ports, drain window and pools' SRV names match the Deployment, the probes and the StatefulSets'
+  headless Services;
 - the engines launch profiles that ``engine_nodes.profiles`` knows, with one GPU per TP rank;
 - the DNS latency record is health-checked on /readyz.
 """
@@ -187,18 +188,18 @@ def engine_sets() -> dict[str, dict[str, Any]]:
     return {s["spec"]["template"]["metadata"]["labels"]["edge-gateway/pool"]: s for s in find("StatefulSet")}
 
 
-def test_pool_endpoints_name_every_replica_of_the_pools_statefulset(config):
+def test_pools_find_their_replicas_in_the_srv_records_of_their_statefulsets_headless_service(config):
     sets = engine_sets()
     assert set(sets) == {pool.name for pool in config.pools}
     for pool in config.pools:
         sts = sets[pool.name]
         (svc,) = find("Service", sts["spec"]["serviceName"])
-        assert svc["spec"]["clusterIP"] == "None", "per-replica names need a headless Service"
+        assert svc["spec"]["clusterIP"] == "None", "per-replica records need a headless Service"
+        assert not svc["spec"].get("publishNotReadyAddresses"), "a replica should join once it is ready"
         (port,) = svc["spec"]["ports"]
         namespace = sts["metadata"]["namespace"]
-        expected = [f"http://{sts['metadata']['name']}-{i}.{svc['metadata']['name']}.{namespace}"
-                    f".svc.cluster.local:{port['port']}" for i in range(sts["spec"]["replicas"])]
-        assert pool.endpoints == expected
+        assert pool.srv == f"_{port['name']}._tcp.{svc['metadata']['name']}.{namespace}.svc.cluster.local"
+        assert pool.endpoints == []
 
 
 def test_engines_launch_a_known_profile_of_their_pool_with_one_gpu_per_tp_rank(config):
