@@ -75,7 +75,10 @@ class Discovery:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.interval_s)
-            await self.refresh(slow_start=True)
+            try:
+                await self.refresh(slow_start=True)
+            except Exception:  # a bug here must not stop discovery for the life of the process
+                log.exception("replica discovery round failed; retrying next interval")
 
     async def refresh(self, slow_start: bool) -> None:
         await asyncio.gather(*(self._refresh(pool, slow_start) for pool in self.pools))
