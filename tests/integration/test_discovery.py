@@ -9,55 +9,92 @@ import threading
 import time
 from collections.abc import Iterator
 
+import dns.exception
+import dns.flags
 import dns.message
 import dns.rcode
 import dns.rrset
 import openai
 import pytest
 
+from gateway import discovery
 from tests.conftest import MODEL, http_get
 
 SRV = "_http._tcp.engines.inference.svc.cluster.local."
 
 
 class Zone:
-    """A DNS server answering SRV queries for ``SRV`` from a table the test edits: the replicas' ports
-    (targets are 127.0.0.1), or ``rcode`` to fail every query."""
+    """A DNS server on loopback answering SRV queries for ``SRV`` from a table the test edits: the
+    replicas' ports (targets are 127.0.0.1), or ``rcode`` to fail every query. As real servers do,
+    it truncates a UDP answer that does not fit the client's size (512 bytes without EDNS) and
+    answers the same query over TCP on the same port."""
 
     def __init__(self) -> None:
         self.ports: list[int] = []
         self.rcode = dns.rcode.NOERROR
         self.queries = 0
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.settimeout(0.1)
-        self.address = f"127.0.0.1:{self._sock.getsockname()[1]}"
+        self.tcp_queries = 0
+        self._tcp = socket.create_server(("127.0.0.1", 0))
+        self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._udp.bind(self._tcp.getsockname())
+        for sock in (self._tcp, self._udp):
+            sock.settimeout(0.1)
+        self.address = f"127.0.0.1:{self._tcp.getsockname()[1]}"
         self._stopped = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=serve, daemon=True) for serve in (self._serve_udp, self._serve_tcp)]
+        for thread in self._threads:
+            thread.start()
 
-    def _serve(self) -> None:
+    def answer(self, data: bytes, max_size: int | None) -> bytes:
+        query = dns.message.from_wire(data)
+        response = dns.message.make_response(query)
+        self.queries += 1
+        if self.rcode != dns.rcode.NOERROR:
+            response.set_rcode(self.rcode)
+        elif query.question[0].name.to_text() != SRV:
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        elif self.ports:
+            response.answer.append(dns.rrset.from_text(
+                SRV, 5, "IN", "SRV", *[f"0 10 {port} 127.0.0.1." for port in self.ports]))
+        if max_size is None:
+            return response.to_wire()
+        try:
+            return response.to_wire(max_size=max(512, query.payload) if query.edns >= 0 else 512)
+        except dns.exception.TooBig:
+            response.answer.clear()
+            response.flags |= dns.flags.TC
+            return response.to_wire()
+
+    def _serve_udp(self) -> None:
         while not self._stopped:
             try:
-                data, peer = self._sock.recvfrom(4096)
+                data, peer = self._udp.recvfrom(4096)
             except TimeoutError:
                 continue
-            query = dns.message.from_wire(data)
-            response = dns.message.make_response(query)
-            self.queries += 1
-            if self.rcode != dns.rcode.NOERROR:
-                response.set_rcode(self.rcode)
-            elif query.question[0].name.to_text() != SRV:
-                response.set_rcode(dns.rcode.NXDOMAIN)
-            elif self.ports:
-                response.answer.append(dns.rrset.from_text(
-                    SRV, 5, "IN", "SRV", *[f"0 10 {port} 127.0.0.1." for port in self.ports]))
-            self._sock.sendto(response.to_wire(), peer)
+            self._udp.sendto(self.answer(data, max_size=512), peer)
+
+    def _serve_tcp(self) -> None:
+        while not self._stopped:
+            try:
+                conn, _ = self._tcp.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(2)
+                size = int.from_bytes(conn.recv(2), "big")
+                data = b""
+                while len(data) < size:
+                    data += conn.recv(size - len(data))
+                self.tcp_queries += 1
+                wire = self.answer(data, max_size=None)
+                conn.sendall(len(wire).to_bytes(2, "big") + wire)
 
     def stop(self) -> None:
         self._stopped = True
-        self._thread.join(timeout=2)
-        self._sock.close()
+        for thread in self._threads:
+            thread.join(timeout=2)
+        self._tcp.close()
+        self._udp.close()
 
 
 @pytest.fixture
@@ -186,3 +223,11 @@ def test_a_replica_that_joins_after_start_up_slow_starts_and_one_found_at_start_
     weights = {e: r["weight"] for e, r in replicas(gw).items()}
     assert weights[f"127.0.0.1:{sim.ports[0]}"] == 1.0
     assert weights[f"127.0.0.1:{sim.ports[1]}"] < 0.5
+
+
+async def test_an_answer_too_big_for_udp_is_read_over_tcp(zone):
+    # 40 replicas' records do not fit 512 bytes: a cluster with long pod names reaches that sooner.
+    zone.ports = list(range(30000, 30040))
+    urls = await discovery.lookup(discovery.resolver([zone.address]), SRV, timeout_s=2.0)
+    assert urls == sorted(f"http://127.0.0.1:{port}" for port in zone.ports)
+    assert zone.tcp_queries >= 1
