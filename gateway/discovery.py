@@ -57,14 +57,19 @@ class Discovery:
         self.upstream = upstream
         self.metrics = metrics
         self._failing: set[str] = set()
-        self._resolver: dns.asyncresolver.Resolver | None = None
         self._task: asyncio.Task | None = None
+        self._resolver: dns.asyncresolver.Resolver | None = None
+        if self.pools:
+            try:
+                self._resolver = resolver(config.nameservers)
+            except dns.resolver.NoResolverConfiguration as e:
+                raise SystemExit(f"edge-gateway: replica discovery has no resolver ({e}); "
+                                 "set `discovery.nameservers`") from None
 
     async def start(self) -> None:
         """The first lookup of every pool (start-up waits for it), then the refresh loop."""
         if not self.pools:
             return
-        self._resolver = resolver(self.config.nameservers)
         await self.refresh(slow_start=False)
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
