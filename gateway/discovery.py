@@ -15,7 +15,9 @@ Every ``discovery.interval_s`` each such pool's name is looked up (dnspython, wi
   meanwhile; after start-up it also slow-starts (``outlier.slow_start_s``), because its cache is
   cold. Replicas of the first lookup at start-up join as static endpoints do, without slow start.
 - **A target that leaves** gets no new requests; those in flight finish on it. Its idle upstream
-  connections are closed and its per-replica gauges dropped. The consistent-hash ring moves only
+  connections are closed, its per-replica gauges dropped, and the routing policy forgets the
+  prefixes and sessions it learnt there: a replica that comes back under the same name (a restarted
+  pod) has a cold cache. The consistent-hash ring moves only
   the keys of the replica that joined or left (``ring.py``); sessions it held move to their next
   ring member.
 - **A lookup that fails** (timeout, SERVFAIL, NXDOMAIN, no records) keeps the last replicas: a DNS
@@ -110,6 +112,7 @@ class Discovery:
         await self.health.welcome(pool, [e for e in found if e.id not in known], slow_start)
         joined, left = pool.replace_endpoints(found)
         for ep in left:
+            pool.policy.forget(ep.id)
             self.health.forget(ep)
             self.upstream.drop(ep.host, ep.port)
             self.metrics.forget_endpoint(pool.name, ep.id)

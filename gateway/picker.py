@@ -194,6 +194,10 @@ class Policy(Protocol):
 
     def observe(self, endpoint_id: str, keys: RouteKeys, now: float) -> None: ...
 
+    def forget(self, endpoint_id: str) -> None:
+        """The endpoint left its pool (``discovery``): whatever was learnt about it is void, and a
+        replica that comes back under its id has a cold cache."""
+
 
 BRANCHES = ("no_endpoint", "round_robin", "random", "least_load", "power_of_two", "session",
             "session_new", "session_moved", "no_session_key", "prefix_hit", "overflow", "ring",
@@ -227,6 +231,9 @@ class _NoAffinity:
         self.max_candidates = max_candidates
 
     def observe(self, endpoint_id: str, keys: RouteKeys, now: float) -> None:
+        return None
+
+    def forget(self, endpoint_id: str) -> None:
         return None
 
 
@@ -474,6 +481,11 @@ class SessionAffinity:
         while len(placed) > self.capacity or next(iter(placed.values()))[1] < cutoff:
             placed.popitem(last=False)
 
+    def forget(self, endpoint_id: str) -> None:
+        """Its sessions are placed afresh: O(sessions remembered), once per departure."""
+        for session in [s for s, (e, _) in self._placed.items() if e == endpoint_id]:
+            del self._placed[session]
+
 
 class PrefixAffinity:
     """Longest-prefix routing with load bounds, ring placement for cold prefixes, sessions first
@@ -535,6 +547,11 @@ class PrefixAffinity:
             self.index.record(keys.prefix, endpoint_id, now)
         if keys.session is not None:
             self.sessions.observe(endpoint_id, keys, now)
+
+    def forget(self, endpoint_id: str) -> None:
+        """O(index entries + sessions), once per departure: a pause of a few ms with a full index."""
+        self.index.forget(endpoint_id)
+        self.sessions.forget(endpoint_id)
 
 
 POLICIES = ("prefix", "session", "round_robin", "random", "least_load", "power_of_two")

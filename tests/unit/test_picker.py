@@ -523,6 +523,21 @@ def test_known_sessions_stay_put_when_an_endpoint_joins():
     assert [pol.pick(eps, s, 1.0).endpoints[0].id for s in sessions] == before
 
 
+def test_an_endpoint_that_left_and_came_back_holds_no_prefixes_or_sessions_any_more():
+    eps = endpoints(4)
+    pol = policy("prefix")
+    prompt, session = keys(text_of("s", "a", "b")), keys(session="user-7")
+    owner = pol.pick(eps, prompt, 0.0).endpoints[0]  # where the prompt goes while nobody holds it
+    holder = next(e for e in eps if e is not owner)
+    pol.observe(holder.id, prompt, 0.0)
+    pol.observe(holder.id, session, 0.0)
+    assert [pol.pick(eps, r, 1.0).endpoints[0] for r in (prompt, session)] == [holder, holder]
+    pol.forget(holder.id)
+    decision = pol.pick(eps, prompt, 2.0)
+    assert (decision.branch, decision.endpoints[0]) == ("ring", owner)
+    assert len(pol.sessions) == 0
+
+
 def test_pool_endpoint_satisfies_the_candidate_contract():
     from gateway import pool
 
