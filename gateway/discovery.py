@@ -17,9 +17,8 @@ Every ``discovery.interval_s`` each such pool's name is looked up (dnspython, wi
 - **A target that leaves** gets no new requests; those in flight finish on it. Its idle upstream
   connections are closed, its per-replica gauges dropped, and the routing policy forgets the
   prefixes and sessions it learnt there: a replica that comes back under the same name (a restarted
-  pod) has a cold cache. The consistent-hash ring moves only
-  the keys of the replica that joined or left (``ring.py``); sessions it held move to their next
-  ring member.
+  pod) has a cold cache. The consistent-hash ring moves only the keys of the replica that joined
+  or left (``ring.py``); sessions it held are placed afresh.
 - **A lookup that fails** (timeout, SERVFAIL, NXDOMAIN, no records) keeps the last replicas: a DNS
   hiccup must not empty a pool, which would fail readiness and withdraw the region from DNS. Gone
   replicas are still taken out by their failing health checks. Each failure is counted
@@ -112,7 +111,8 @@ class Discovery:
         await self.health.welcome(pool, [e for e in found if e.id not in known], slow_start)
         joined, left = pool.replace_endpoints(found)
         for ep in left:
-            pool.policy.forget(ep.id)
+            for _ in pool.policy.forget(ep.id):
+                await asyncio.sleep(0)  # requests run between the steps of a long walk
             self.health.forget(ep)
             self.upstream.drop(ep.host, ep.port)
             self.metrics.forget_endpoint(pool.name, ep.id)

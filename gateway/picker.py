@@ -129,14 +129,14 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from heapq import nsmallest
 from math import inf
 from typing import NamedTuple, Protocol
 
 import msgspec
 
-from gateway.prefix_index import PrefixIndex
+from gateway.prefix_index import FORGET_BATCH, PrefixIndex
 from gateway.ring import HashRing, load_bound
 
 
@@ -194,9 +194,10 @@ class Policy(Protocol):
 
     def observe(self, endpoint_id: str, keys: RouteKeys, now: float) -> None: ...
 
-    def forget(self, endpoint_id: str) -> None:
+    def forget(self, endpoint_id: str) -> Iterator[None]:
         """The endpoint left its pool (``discovery``): whatever was learnt about it is void, and a
-        replica that comes back under its id has a cold cache."""
+        replica that comes back under its id has a cold cache. In steps: the caller may let other
+        work run at each yield."""
 
 
 BRANCHES = ("no_endpoint", "round_robin", "random", "least_load", "power_of_two", "session",
@@ -233,8 +234,8 @@ class _NoAffinity:
     def observe(self, endpoint_id: str, keys: RouteKeys, now: float) -> None:
         return None
 
-    def forget(self, endpoint_id: str) -> None:
-        return None
+    def forget(self, endpoint_id: str) -> Iterator[None]:
+        return iter(())
 
 
 class RoundRobin(_NoAffinity):
@@ -481,10 +482,17 @@ class SessionAffinity:
         while len(placed) > self.capacity or next(iter(placed.values()))[1] < cutoff:
             placed.popitem(last=False)
 
-    def forget(self, endpoint_id: str) -> None:
-        """Its sessions are placed afresh: O(sessions remembered), once per departure."""
-        for session in [s for s, (e, _) in self._placed.items() if e == endpoint_id]:
-            del self._placed[session]
+    def forget(self, endpoint_id: str) -> Iterator[None]:
+        """Its sessions are placed afresh. In steps of ``FORGET_BATCH`` sessions, as the prefix index
+        forgets: 100,000 sessions at once took about 20 ms."""
+        placed = self._placed
+        sessions = list(dict.keys(placed))  # the dictionary's own order: quicker to list than the LRU links
+        for start in range(0, len(sessions), FORGET_BATCH):
+            for session in sessions[start:start + FORGET_BATCH]:
+                entry = placed.get(session)
+                if entry is not None and entry[0] == endpoint_id:
+                    del placed[session]
+            yield
 
 
 class PrefixAffinity:
@@ -548,10 +556,9 @@ class PrefixAffinity:
         if keys.session is not None:
             self.sessions.observe(endpoint_id, keys, now)
 
-    def forget(self, endpoint_id: str) -> None:
-        """O(index entries + sessions), once per departure: a pause of a few ms with a full index."""
-        self.index.forget(endpoint_id)
-        self.sessions.forget(endpoint_id)
+    def forget(self, endpoint_id: str) -> Iterator[None]:
+        yield from self.index.forget(endpoint_id)
+        yield from self.sessions.forget(endpoint_id)
 
 
 POLICIES = ("prefix", "session", "round_robin", "random", "least_load", "power_of_two")

@@ -532,7 +532,8 @@ def test_an_endpoint_that_left_and_came_back_holds_no_prefixes_or_sessions_any_m
     pol.observe(holder.id, prompt, 0.0)
     pol.observe(holder.id, session, 0.0)
     assert [pol.pick(eps, r, 1.0).endpoints[0] for r in (prompt, session)] == [holder, holder]
-    pol.forget(holder.id)
+    for _ in pol.forget(holder.id):
+        pass
     decision = pol.pick(eps, prompt, 2.0)
     assert (decision.branch, decision.endpoints[0]) == ("ring", owner)
     assert len(pol.sessions) == 0

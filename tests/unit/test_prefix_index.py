@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.affinity import prefix_hashes
-from gateway.prefix_index import PrefixIndex
+from gateway.prefix_index import FORGET_BATCH, PrefixIndex
 
 TTL = 60.0
 
@@ -71,9 +71,29 @@ def test_forget_removes_an_endpoint_everywhere():
     index = PrefixIndex(1000, TTL)
     index.record(chain("aaaabbbb"), "A", 0.0)
     index.record(chain("aaaa"), "B", 0.0)
-    index.forget("A")
+    for _ in index.forget("A"):
+        pass
     assert index.match(chain("aaaabbbb"), 1.0) == (1, ("B",))
     assert len(index) == 1
+
+
+def test_forget_walks_in_steps_that_keep_prompts_recorded_at_once_prefix_closed_and_keep_new_records():
+    index = PrefixIndex(100_000, TTL)
+    chains = [chain(f"{i:04d}" * 6) for i in range(2 * FORGET_BATCH // 6 + 50)]  # six blocks each
+    for c in chains:
+        index.record(c, "A", 0.0)
+    steps = index.forget("A")
+    walked = 0
+    for _ in steps:
+        walked += 1
+        for c in chains:  # A holds a prefix of every chain: never a deeper block without the shallower
+            held = [("A" in index.match(c[:k], 1.0)[1] and index.match(c[:k], 1.0)[0] == k)
+                    for k in range(1, len(c) + 1)]
+            assert held == sorted(held, reverse=True)
+        if walked == 1:
+            index.record(chain("newcomer"), "B", 1.0)
+    assert walked == -(-len(chains) * 6 // FORGET_BATCH)
+    assert len(index) == 2 and index.match(chain("newcomer"), 2.0) == (2, ("B",))
 
 
 def test_memory_is_counted_in_entries_of_block_and_endpoint():
