@@ -165,15 +165,16 @@ def test_replicas_join_and_leave_the_pool_as_its_srv_records_change(simulator, g
 
 
 def test_a_stream_on_a_replica_that_leaves_dns_finishes(simulator, gateway, zone):
-    sim = simulator("sglang", replicas=2, speed=20.0)
+    sim = simulator("sglang", replicas=2, speed=0.05)  # 200 tokens take about 5 s
     zone.ports = sim.ports[:1]
     gw = gateway(config(zone))
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)
-    stream = client.chat.completions.create(model=MODEL, max_tokens=60, stream=True,
+    stream = client.chat.completions.create(model=MODEL, max_tokens=200, stream=True,
                                             messages=[{"role": "user", "content": "a long answer"}])
     first = next(iter(stream))
     zone.ports = sim.ports[1:]
     wait_for(lambda: list(replicas(gw)) == [f"127.0.0.1:{sim.ports[1]}"], "the replica never left")
+    assert sim.stats(0)["running"] == 1  # the stream was still being generated when its replica left
     rest = list(stream)
     assert first.choices and rest[-1].choices[0].finish_reason == "length"
     ask(client, 3, "after")
