@@ -110,17 +110,16 @@ class PrefixIndex:
         (walking a full index of 262,144 entries at once stalled the event loop for about 100 ms;
         in steps, the first step, which lists the keys, pauses for about 6 ms and the others for about
         2 ms).
-        Keys are taken in the dictionary's insertion order, which is cheap to list (the LRU order
-        is a linked walk, eight times slower). Records made meanwhile are kept. A block one prompt
+        Keys are taken in the dictionary's insertion order (``key_batches``). Records made meanwhile
+        are kept. A block one prompt
         recorded is walked deepest first; a chain that grew over several prompts can lose a middle
         block first, and until the walk reaches the deeper ones (all the departed endpoint's alone)
         a lookup may stop there and name the departed endpoint, which the picker skips as it skips
         an unavailable holder.
         """
         blocks = self._blocks
-        keys = list(dict.keys(blocks))
-        for start in range(0, len(keys), FORGET_BATCH):
-            for key in keys[start:start + FORGET_BATCH]:
+        for batch in key_batches(blocks):
+            for key in batch:
                 holders = blocks.get(key)
                 if holders is not None and holders.pop(endpoint_id, None) is not None:
                     self._entries -= 1
@@ -140,3 +139,12 @@ class PrefixIndex:
                 return
             del blocks[key]
             self._entries -= len(holders)
+
+
+def key_batches(table: dict) -> Iterator[list]:
+    """The keys ``table`` has now, ``FORGET_BATCH`` at a time, for a walk that lets other work run
+    between batches. Listed in the plain dictionary's insertion order: for an OrderedDict that is
+    eight times quicker than following its LRU links, scattered over the heap."""
+    keys = list(dict.keys(table))
+    for start in range(0, len(keys), FORGET_BATCH):
+        yield keys[start:start + FORGET_BATCH]
