@@ -54,7 +54,9 @@ class Pool(_Section):
     # replicas, re-read every `discovery.interval_s` (gateway/discovery.py). Exactly one of the two.
     endpoints: list[str] = msgspec.field(default_factory=list)
     srv: str | None = None
-    # None picks the role's default: prefix-aware for interactive pools, least-load for batch pools.
+    # None picks the role's default: prefix-aware for interactive pools, the less loaded of two random
+    # replicas for batch pools (least-load herds when several gateway processes share stale engine
+    # load; gateway/picker.py).
     policy: PolicyName | None = None
     # Credential the gateway presents to the engines; the client's own key never reaches them.
     api_key: str | None = None
@@ -67,7 +69,7 @@ class Pool(_Section):
 
     @property
     def effective_policy(self) -> str:
-        return self.policy or ("prefix" if self.role == "interactive" else "least_load")
+        return self.policy or ("prefix" if self.role == "interactive" else "power_of_two")
 
 
 class Timeouts(_Section):

@@ -145,6 +145,32 @@ def test_power_of_two_takes_the_less_loaded_of_its_two_draws():
         assert decision.branch == "power_of_two"
 
 
+def test_batch_default_keeps_processes_that_share_a_stale_signal_from_herding_onto_an_emptied_replica():
+    """Four gateway processes, one scrape interval: the engines last reported 20 requests on every
+    replica but the first, which has just emptied. Each process sees that stale picture plus its own
+    sends, as ``pool.Endpoint.load`` does. Least-load would send the first replica 20 from each
+    process (80 + its share, about 2.4x the mean); the batch default must not, draw after draw."""
+    from gateway.settings import Pool
+
+    name = Pool(name="b", engine="vllm", role="batch", models=["m"], endpoints=["http://h:1"]).effective_policy
+    stale = [0.0] + [20.0] * 7
+    spreads = []
+    for seed in range(20):
+        sent = [0] * len(stale)
+        for process in range(4):
+            pol = policy(name, seed=seed * 10 + process)
+            view = endpoints(len(stale))
+            for e, load in zip(view, stale):
+                e.load = load
+            for _ in range(40):
+                chosen = view.index(pol.pick(view, keys(), 0.0).endpoints[0])
+                view[chosen].load += 1
+                sent[chosen] += 1
+        loads = [s + n for s, n in zip(stale, sent)]
+        spreads.append(max(loads) / (sum(loads) / len(loads)))
+    assert max(spreads) <= 1.6 and sum(spreads) / len(spreads) <= 1.25, (name, spreads)
+
+
 # --- prefix ---------------------------------------------------------------------------------------
 
 def test_cold_prompt_goes_to_its_ring_owner_identically_from_every_process_and_replica():
