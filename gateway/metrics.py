@@ -65,6 +65,11 @@ class Metrics:
         self.retries = Counter(
             "gateway_upstream_retries_total", "Attempts retried on another endpoint, by the failure reason.",
             ["reason"], registry=r)
+        self.hedges = Counter(
+            "gateway_hedges_total",
+            "Requests still without a first byte after the pool's hedge_after_s, by what followed: "
+            "first_won, hedge_won, failed (both legs), skipped (no candidate with room, or no retry budget).",
+            ["pool", "outcome"], registry=r)
         self.stream_aborts = Counter(
             "gateway_stream_aborted_total", "Committed streams ended with an error event, by reason.",
             ["reason"], registry=r)

@@ -11,6 +11,25 @@ clients raise as ``APIError``.
 
 A client that goes away cancels the handler task; the relay then closes the upstream connection so
 the engine stops generating, and the endpoint is not blamed.
+
+Hedging
+-------
+A replica can stall without failing: a GPU throttled or stuck in a long prefill queue, a process
+alive enough for health checks. Waiting ``timeouts.first_byte_s`` (60 s) before trying elsewhere is
+far too long for chat. A pool with ``hedge_after_s`` therefore sends a request that has had no
+first byte for that long to the next candidate as well, without giving up the first: both *legs*
+race, and the first usable response head (not a 5xx or 429) wins. The other leg is closed at once,
+so its engine stops work on it and its slot is released; a leg that fails drops out and the other
+keeps running. The request is still pending while they race, so whatever the winner sends is the
+only answer the client sees.
+
+A hedge costs a second prefill, most often on a replica without the prompt's prefix, and it comes
+exactly when replicas are slow, which is when load is high. So it takes a candidate only below its
+``max_in_flight``, is paid from the retry budget (a brownout stops hedging as it stops retries),
+goes at most once per attempt, and counts as an attempt. ``gateway_hedges_total{pool,outcome}``
+says how often it was needed and whether it won. Each leg keeps its own first-byte deadline, so a
+hedged request may wait up to ``hedge_after_s + first_byte_s``. Pools without ``hedge_after_s``
+keep the single-leg path, with no task per request.
 """
 
 from __future__ import annotations
@@ -18,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from gateway.errors import EngineError, GatewayError, engine_error_body, error_body, upstream_failure
 from gateway.metrics import Metrics
@@ -136,7 +155,9 @@ class Relay:
         failure: UpstreamError | tuple[int, bytes, bytes] | None = None
         self.budget.deposit()
         cap = call.pool.config.max_in_flight  # type: ignore[union-attr]
-        for endpoint in call.candidates[:self.max_attempts]:
+        # Shared with the attempts: a hedge takes the next candidate, which is then not retried.
+        spares = iter(call.candidates[:self.max_attempts])
+        for endpoint in spares:
             if failure is not None:
                 if endpoint.in_flight >= cap:
                     continue  # a fallback at capacity: admission let the request in for the first choice
@@ -144,39 +165,34 @@ class Relay:
                     self.metrics.retry_budget_exhausted.inc()
                     break
                 self.metrics.child(self.metrics.retries, _reason(failure)).inc()
-            call.attempts += 1
-            call.endpoint = endpoint
-            call.pool.policy.observe(endpoint.id, call.keys, time.monotonic())  # type: ignore[union-attr]
-            endpoint.in_flight += 1
-            try:
-                failure = await self._attempt(call, endpoint, conn)
-            finally:
-                endpoint.in_flight -= 1
-                self.on_release(endpoint)
+            failure = await self._attempt(call, endpoint, conn, spares)
             if failure is None:
                 return
         raise _final_error(failure)
 
-    async def _attempt(self, call: Call, endpoint: Endpoint, conn: Connection):
-        """One try on one endpoint. Returns None when answered, else the retryable failure."""
-        ex: Exchange | None = None
+    async def _attempt(self, call: Call, endpoint: Endpoint, conn: Connection, spares: Iterator[Endpoint]):
+        """One try, started on ``endpoint`` and, if its pool hedges, perhaps raced against a second
+        leg (module docstring, "Hedging"). Returns None when answered, else the retryable failure."""
+        legs: dict[Exchange, Endpoint] = {}
+        call.endpoint = endpoint
         try:
-            request = self._render(call, endpoint)
-            ex = (self.upstream.reuse(endpoint.host, endpoint.port, request)
-                  or await self.upstream.open(endpoint.host, endpoint.port, request))
-            call.written_at = time.monotonic()
-            await ex.wait_first(self.timeouts.first_byte_s)
-            status = ex.status
-            if status >= 500 or status == 429:
-                await ex.wait_done(self.timeouts.idle_s)
-                if status >= 500:
-                    self.outlier.failure(endpoint, time.monotonic())
-                return status, ex.header(b"content-type") or b"", ex.take()
-            if call.stream and status == 200:
+            ex = self._send(call, endpoint, legs) or await self._connect(call, endpoint, legs)
+            hedge_after = call.pool.config.hedge_after_s  # type: ignore[union-attr]
+            if hedge_after is None:
+                await ex.wait_first(self.timeouts.first_byte_s)
+                if _refused(ex.status):
+                    return await self._refusal(ex, endpoint)
+            else:
+                answer = await self._race(call, legs, hedge_after, spares)
+                if not isinstance(answer, Exchange):
+                    return answer
+                ex, endpoint = answer, legs[answer]
+                call.endpoint = endpoint
+            if call.stream and ex.status == 200:
                 await self._relay_stream(call, ex, conn)
             else:
                 await ex.wait_done(self.timeouts.idle_s)
-                self._respond(call, conn, status, ex)
+                self._respond(call, conn, ex.status, ex)
             self.outlier.success(endpoint)
             return None
         except UpstreamError as e:
@@ -187,9 +203,122 @@ class Relay:
             return e
         except asyncio.CancelledError:
             call.outcome = "client_gone"
-            if ex is not None:
-                ex.abort()
             raise
+        finally:
+            for ex, leg_endpoint in legs.items():
+                ex.abort()  # unless complete: the engine stops generating
+                self._release(leg_endpoint)
+
+    async def _race(self, call: Call, legs: dict[Exchange, Endpoint], hedge_after: float,
+                    spares: Iterator[Endpoint]):
+        """Wait for the first usable head among the legs; add the hedge leg when ``hedge_after``
+        passes with none. Rare enough (pools that hedge) to afford a task per leg."""
+        pool = call.pool.name  # type: ignore[union-attr]
+        first_leg = next(iter(legs))
+        waits = {asyncio.ensure_future(first_leg.wait_first(self.timeouts.first_byte_s)): first_leg}
+        failure: UpstreamError | tuple[int, bytes, bytes] | None = None
+        due = hedged = False  # hedge_after has passed; a second leg was sent
+        try:
+            while waits:
+                done, _ = await asyncio.wait(waits, timeout=None if due else hedge_after,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    due = True
+                    hedge = await self._hedge(call, legs, spares)
+                    if hedge is not None:
+                        hedged = True
+                        waits[asyncio.ensure_future(hedge.wait_first(self.timeouts.first_byte_s))] = hedge
+                    continue
+                for task in done:
+                    ex = waits.pop(task)
+                    endpoint = legs[ex]
+                    error = task.exception()
+                    if error is not None:
+                        self.outlier.failure(endpoint, time.monotonic())
+                        failure = error  # type: ignore[assignment]
+                    elif not _refused(ex.status):
+                        if hedged:
+                            outcome = "first_won" if ex is first_leg else "hedge_won"
+                            self.metrics.child(self.metrics.hedges, pool, outcome).inc()
+                        for other in list(legs):
+                            if other is not ex:
+                                self._drop(legs, other)
+                        return ex
+                    else:
+                        failure = await self._refusal(ex, endpoint)
+                    self._drop(legs, ex)
+            if hedged:
+                self.metrics.child(self.metrics.hedges, pool, "failed").inc()
+            return failure
+        finally:
+            for task in waits:
+                if task.done():
+                    task.exception()  # a leg that lost while another won: its failure is no news
+                else:
+                    task.cancel()
+
+    async def _hedge(self, call: Call, legs: dict[Exchange, Endpoint], spares: Iterator[Endpoint]):
+        """Send the second leg to the next candidate with room, if the retry budget pays for it."""
+        pool = call.pool
+        spare = next((e for e in spares if e.in_flight < pool.config.max_in_flight), None)  # type: ignore[union-attr]
+        if spare is None or not self.budget.withdraw(time.monotonic()):
+            self.metrics.child(self.metrics.hedges, pool.name, "skipped").inc()  # type: ignore[union-attr]
+            return None
+        try:
+            return self._send(call, spare, legs) or await self._connect(call, spare, legs)
+        except UpstreamError:
+            self.outlier.failure(spare, time.monotonic())
+            return None
+
+    def _send(self, call: Call, endpoint: Endpoint, legs: dict[Exchange, Endpoint]) -> Exchange | None:
+        """Count the request against ``endpoint``, tell the policy it went there, and write it on an
+        idle connection; None when there is none, and then :meth:`_connect` opens one. Apart, so that
+        the usual request makes no coroutine here."""
+        call.attempts += 1
+        call.pool.policy.observe(endpoint.id, call.keys, time.monotonic())  # type: ignore[union-attr]
+        endpoint.in_flight += 1
+        try:
+            ex = self.upstream.reuse(endpoint.host, endpoint.port, self._render(call, endpoint))
+        except BaseException:
+            self._release(endpoint)
+            raise
+        if ex is not None:
+            legs[ex] = endpoint
+            call.written_at = call.written_at or time.monotonic()
+        return ex
+
+    async def _connect(self, call: Call, endpoint: Endpoint, legs: dict[Exchange, Endpoint]) -> Exchange:
+        """:meth:`_send` on a new connection."""
+        try:
+            ex = await self.upstream.open(endpoint.host, endpoint.port, self._render(call, endpoint))
+        except BaseException:
+            self._release(endpoint)
+            raise
+        legs[ex] = endpoint
+        call.written_at = call.written_at or time.monotonic()
+        return ex
+
+    def _drop(self, legs: dict[Exchange, Endpoint], ex: Exchange) -> None:
+        """A leg is over: close it if unfinished (the engine stops generating), and release its slot."""
+        ex.abort()
+        self._release(legs.pop(ex))
+
+    def _release(self, endpoint: Endpoint) -> None:
+        endpoint.in_flight -= 1
+        self.on_release(endpoint)
+
+    async def _refusal(self, ex: Exchange, endpoint: Endpoint):
+        """The failure to retry with, its body read, for a head that calls for another endpoint
+        (``_refused``). A 5xx counts against the endpoint; a 429 says only that it is busy."""
+        status = ex.status
+        try:
+            await ex.wait_done(self.timeouts.idle_s)
+        except UpstreamError as e:
+            self.outlier.failure(endpoint, time.monotonic())
+            return e
+        if status >= 500:
+            self.outlier.failure(endpoint, time.monotonic())
+        return status, ex.header(b"content-type") or b"", ex.take()
 
     def _render(self, call: Call, endpoint: Endpoint) -> bytes:
         pool = call.pool
@@ -259,6 +388,11 @@ class Relay:
             f"upstream failed mid-stream: {e}", "server_error", "upstream_disconnected") + b"\n\n")
         call.done_at = time.monotonic()
         call.outcome = "aborted"
+
+
+def _refused(status: int) -> bool:
+    """An engine answer that another replica may do better on: a 5xx, or 429 (busy)."""
+    return status >= 500 or status == 429
 
 
 def _reason(failure) -> str:

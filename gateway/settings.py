@@ -66,6 +66,10 @@ class Pool(_Section):
     # max, requests wait in the pool's queue). Batch pools with large batches want larger values.
     target_in_flight: int = 32
     max_in_flight: int = 64
+    # Hedging (gateway/relay.py): a request with no first byte this many seconds after it was sent
+    # is sent to a second replica as well, and the first to answer is relayed. None: never. Paid
+    # from the retry budget. Set it above the pool's normal TTFT p99, or it doubles the load it meets.
+    hedge_after_s: float | None = None
 
     @property
     def effective_policy(self) -> str:
@@ -337,6 +341,9 @@ def _validate(s: Settings) -> None:
                 raise bad(f"{where}.endpoints[{j}]", f"must look like http://host:port, got {url!r}")
         if not 1 <= pool.target_in_flight <= pool.max_in_flight:
             raise bad(f"{where}.target_in_flight", "must be between 1 and max_in_flight")
+        if pool.hedge_after_s is not None and not 0 < pool.hedge_after_s < s.timeouts.first_byte_s:
+            raise bad(f"{where}.hedge_after_s", f"must be between 0 and timeouts.first_byte_s "
+                      f"({s.timeouts.first_byte_s:g}), exclusive; got {pool.hedge_after_s:g}")
         for key in ("health_path", "metrics_path"):
             if not getattr(pool, key).startswith("/"):
                 raise bad(f"{where}.{key}", "must start with /")

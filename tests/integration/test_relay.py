@@ -115,3 +115,90 @@ def test_reset_before_first_byte_is_retried_elsewhere(simulator, gateway):
             model=MODEL, messages=[{"role": "user", "content": f"q{i}"}], max_tokens=3, stream=True))
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert counter(gw.metrics(), 'gateway_upstream_retries_total{reason="reset"}') >= 1
+
+
+# -- hedging (relay docstring, "Hedging") ------------------------------------------------------------
+
+def hedging_gateway(gateway, urls: list[str], hedge_after_s: float, extra: str = ""):
+    """Round robin, so the first leg alternates between the replicas; the answering replica is named."""
+    return gateway(FAST_HEALTH + "[routing]\nendpoint_header = true\n" + extra
+                   + pool_toml("s", "sglang", "interactive", urls, policy="round_robin",
+                               extra=f"hedge_after_s = {hedge_after_s}\n"))
+
+
+def ask(client: openai.OpenAI, i: int, stream: bool) -> tuple[str, str]:
+    """(replica that answered, text) for one chat request."""
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": f"question {i}"}], max_tokens=4, stream=stream)
+    reply = raw.parse()
+    text = ("".join(c.choices[0].delta.content or "" for c in reply if c.choices) if stream
+            else reply.choices[0].message.content)
+    return raw.headers["x-gateway-endpoint"], text
+
+
+def test_request_stalled_before_its_first_byte_is_answered_by_a_hedge_and_the_stalled_leg_is_cancelled(
+        simulator, gateway):
+    stalled = simulator("sglang", extra=["--slow-first-token", "300"])  # far past the client's timeout
+    good = simulator("sglang")
+    gw = hedging_gateway(gateway, stalled.urls + good.urls, 0.2)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0, timeout=20)
+    answers = [ask(client, i, stream=i % 2 == 1) for i in range(6)]
+    good_id = good.urls[0].removeprefix("http://")
+    assert all(endpoint == good_id and text for endpoint, text in answers)
+    first_on_stalled = stalled.stats(0)["requests"]
+    assert first_on_stalled == 3  # round robin sent every other request there first
+    metrics = gw.metrics()
+    assert counter(metrics, 'gateway_hedges_total{outcome="hedge_won",pool="s"}') == first_on_stalled
+    assert counter(metrics, "gateway_hedges_total") == first_on_stalled
+    assert counter(metrics, "gateway_upstream_retries_total") == 0
+    assert in_flight_total(metrics) == 0  # the stalled legs were released when they lost
+    deadline = time.monotonic() + 5
+    while not all(r["cancelled"] for r in stalled.requests(0)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [r["cancelled"] for r in stalled.requests(0)] == [True] * first_on_stalled
+
+
+def test_first_leg_that_answers_before_the_hedge_wins_and_a_failing_hedge_only_drops_out(simulator, gateway):
+    slow = simulator("sglang", extra=["--slow-first-token", "1.0"])
+    failing = simulator("sglang", extra=["--error-rate", "1.0", "--error-status", "503"])
+    gw = hedging_gateway(gateway, slow.urls + failing.urls, 0.2)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0, timeout=20)
+    endpoint, text = ask(client, 0, stream=True)  # round robin: the slow replica is the first leg
+    assert (endpoint, bool(text)) == (slow.urls[0].removeprefix("http://"), True)
+    assert failing.stats(0)["requests"] == 1
+    metrics = gw.metrics()
+    assert counter(metrics, 'gateway_hedges_total{outcome="first_won",pool="s"}') == 1
+    assert counter(metrics, "gateway_hedges_total") == 1
+    assert in_flight_total(metrics) == 0
+
+
+def test_no_hedge_is_sent_when_the_retry_budget_is_spent(simulator, gateway):
+    stalled = simulator("sglang", extra=["--slow-first-token", "300"])
+    good = simulator("sglang")
+    budget = "[retry_budget]\nratio = 0\nmin_per_s = 0\ncap = 0\n[timeouts]\nfirst_byte_s = 1.0\n"
+    gw = hedging_gateway(gateway, stalled.urls + good.urls, 0.2, extra=budget)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0, timeout=20)
+    with pytest.raises(openai.APIStatusError) as e:
+        ask(client, 0, stream=False)
+    assert e.value.status_code == 504
+    assert good.stats(0)["requests"] == 0
+    assert counter(gw.metrics(), 'gateway_hedges_total{outcome="skipped",pool="s"}') == 1
+
+
+def test_losing_leg_is_closed_and_its_slot_released_while_the_winner_still_streams(simulator, gateway):
+    stalled = simulator("sglang", extra=["--slow-first-token", "300"])
+    slow_tokens = simulator("sglang", speed=0.5)  # the winner's stream lasts far longer than this test looks
+    gw = hedging_gateway(gateway, stalled.urls + slow_tokens.urls, 0.2)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        body = stream_body(2000)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        data = b""
+        while data.count(b"data:") < 3:
+            data += s.recv(65536)
+        time.sleep(0.3)
+        (record,) = stalled.requests(0)
+        metrics = gw.metrics()
+        assert record["cancelled"] is True
+        assert counter(metrics, f'gateway_endpoint_in_flight{{endpoint="{stalled.urls[0].removeprefix("http://")}"')  == 0
+        assert in_flight_total(metrics) == 1  # the winner's stream, still running
+        assert b"[DONE]" not in data

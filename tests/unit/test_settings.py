@@ -79,6 +79,8 @@ def test_environment_overrides_nested_keys_and_list_items(tmp_path):
     (POOL.replace('engine = "sglang"', 'engine = "trt"'), "pools[0].engine"),
     (POOL + POOL, "pools[1].name"),
     (POOL + 'srv = "_http._tcp.engines.inference.svc"\n', "pools[0].srv"),
+    (POOL + "hedge_after_s = 0\n", "pools[0].hedge_after_s"),
+    ("[timeouts]\nfirst_byte_s = 5\n" + POOL + "hedge_after_s = 5\n", "pools[0].hedge_after_s"),
     (POOL.replace('endpoints = ["http://127.0.0.1:30000"]', 'srv = "engines.inference.svc"'), "pools[0].srv"),
     (POOL.replace('endpoints = ["http://127.0.0.1:30000"]', ''), "pools[0].endpoints"),
     (POOL + '[discovery]\nnameservers = ["dns.local:53"]\n', "discovery.nameservers[0]"),
