@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
 ENGINES := sglang==0.5.23 vllm==0.33.0
 
-.PHONY: run test loadtest bench bench-streams profile clean
+.PHONY: run test loadtest bench bench-streams bench-hedging profile clean
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench: $(VENV)/.runtime
 # 10,000 concurrent open streams through the gateway (two workers), RSS per stream; about a minute.
 bench-streams: $(VENV)/.runtime
 	$(PY) -m loadtests.bench_streams
+
+# TTFT when one of four replicas stalls, with and without hedging, beside sglang-router (~2 minutes).
+bench-hedging: $(VENV)/.runtime
+	$(PY) -m loadtests.bench_hedging
 
 # Where the gateway's CPU goes under load: a py-spy profile folded by request-path stage (~30 s).
 profile: $(VENV)/.runtime

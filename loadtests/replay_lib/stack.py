@@ -128,7 +128,8 @@ class Front:
 
 
 @contextlib.contextmanager
-def gateway(replicas: Replicas, policy: str, model: str, workdir: Path) -> Iterator[Front]:
+def gateway(replicas: Replicas, policy: str, model: str, workdir: Path, pool_extra: str = "") -> Iterator[Front]:
+    """Our gateway with its defaults but for the log; ``pool_extra``: more TOML lines for the pool."""
     port, admin = free_ports(1), free_ports(1)
     config = workdir / f"gateway-{port}.toml"
     endpoints = ", ".join(f'"{u}"' for u in replicas.urls)
@@ -141,7 +142,7 @@ def gateway(replicas: Replicas, policy: str, model: str, workdir: Path) -> Itera
         f'[logging]\nlevel = "warning"\naccess_log = false\n'
         f"[health]\ninterval_s = 0.5\n"
         f'[[pools]]\nname = "replay"\nengine = "sglang"\nrole = "interactive"\nmodels = ["{model}"]\n'
-        f'endpoints = [{endpoints}]\npolicy = "{policy}"\n'
+        f'endpoints = [{endpoints}]\npolicy = "{policy}"\n' + pool_extra
     )
     log = workdir / f"gateway-{port}.log"
     with log.open("wb") as out:
