@@ -217,7 +217,7 @@ class Relay:
         first_leg = next(iter(legs))
         waits = {asyncio.ensure_future(first_leg.wait_first(self.timeouts.first_byte_s)): first_leg}
         failure: UpstreamError | tuple[int, bytes, bytes] | None = None
-        due = hedged = False  # hedge_after has passed; a second leg was sent
+        due = hedged = False  # hedge_after has passed; a second leg was tried
         try:
             while waits:
                 done, _ = await asyncio.wait(waits, timeout=None if due else hedge_after,
@@ -225,9 +225,11 @@ class Relay:
                 if not done:
                     due = True
                     hedge = await self._hedge(call, legs, spares)
-                    if hedge is not None:
-                        hedged = True
+                    hedged = hedge is not None
+                    if isinstance(hedge, Exchange):
                         waits[asyncio.ensure_future(hedge.wait_first(self.timeouts.first_byte_s))] = hedge
+                    elif hedged:
+                        failure = hedge  # it could not be sent; the first leg runs on alone
                     continue
                 for task in done:
                     ex = waits.pop(task)
@@ -258,7 +260,8 @@ class Relay:
                     task.cancel()
 
     async def _hedge(self, call: Call, legs: dict[Exchange, Endpoint], spares: Iterator[Endpoint]):
-        """Send the second leg to the next candidate with room, if the retry budget pays for it."""
+        """Send the second leg to the next candidate with room, if the retry budget pays for it: its
+        exchange, the failure if it could not be sent, or None if it was not tried."""
         pool = call.pool
         spare = next((e for e in spares if e.in_flight < pool.config.max_in_flight), None)  # type: ignore[union-attr]
         if spare is None or not self.budget.withdraw(time.monotonic()):
@@ -266,9 +269,9 @@ class Relay:
             return None
         try:
             return self._send(call, spare, legs) or await self._connect(call, spare, legs)
-        except UpstreamError:
+        except UpstreamError as e:
             self.outlier.failure(spare, time.monotonic())
-            return None
+            return e
 
     def _send(self, call: Call, endpoint: Endpoint, legs: dict[Exchange, Endpoint]) -> Exchange | None:
         """Count the request against ``endpoint``, tell the policy it went there, and write it on an
