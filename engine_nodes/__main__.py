@@ -1,10 +1,11 @@
-"""``engine-node`` / ``python -m engine_nodes``: ``sim`` runs simulated replicas, ``launch`` real ones."""
+"""``engine-node`` / ``python -m engine_nodes``: ``sim`` runs simulated replicas, ``launch`` real ones,
+``drain`` is a replica pod's preStop hook."""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = "usage: engine-node {sim,launch} [options]   (engine-node sim --help, engine-node launch --help)"
+USAGE = "usage: engine-node {sim,launch,drain} [options]   (engine-node <command> --help)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
         from engine_nodes.launch import main as launch_main
 
         return launch_main(rest)
+    if command == "drain":
+        from engine_nodes.drain import main as drain_main
+
+        return drain_main(rest)
     print(USAGE, file=sys.stderr)
     return 0 if command in ("-h", "--help") else 2
 

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from engine_nodes import launch, profiles
+from engine_nodes import drain, launch, profiles
 from gateway import settings
 from gateway.metrics import Metrics
 from tests.conftest import http_get
@@ -217,6 +217,69 @@ def test_engines_launch_a_known_profile_of_their_pool_with_one_gpu_per_tp_rank(c
             assert "--enable-metrics" in launch.command(profile, args.host, args.port)
         gpus = engine["resources"]["limits"]["nvidia.com/gpu"]
         assert gpus == engine["resources"]["requests"]["nvidia.com/gpu"] == profile.tp
+
+
+def test_engine_pods_keep_serving_until_the_gateways_stop_sending_and_their_requests_end(config):
+    """The preStop hook (engine_nodes/drain.py) outlasts the gateways' view of DNS, and the grace
+    period outlasts the hook, so SIGTERM never reaches an engine the gateways still use."""
+    coredns_cache_s = 5.0  # CoreDNS's default cache TTL for cluster records
+    for sts in engine_sets().values():
+        pod = sts["spec"]["template"]["spec"]
+        (engine,) = pod["containers"]
+        command = engine["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[:2] == ["engine-node", "drain"]
+        args = drain.build_parser().parse_args(command[2:])
+        assert args.port == port_number(engine, "http")
+        assert args.settle_s >= config.discovery.interval_s + coredns_cache_s
+        assert pod["terminationGracePeriodSeconds"] > args.max_wait_s > args.settle_s
+
+
+# --- engine autoscaling (infra/k8s-autoscaling) ------------------------------------------------------
+
+AUTOSCALING = INFRA / "k8s-autoscaling"
+
+
+def scaled_objects() -> list[dict[str, Any]]:
+    return documents(AUTOSCALING / "engines-autoscaling.yaml")
+
+
+def test_each_engine_pool_is_scaled_on_its_own_demand_record_below_its_profiles_capacity(config, rules):
+    recorded = {rule["record"] for rule in rules if "record" in rule}
+    sets = engine_sets()
+    scaled = {}
+    for obj in scaled_objects():
+        assert (obj["apiVersion"], obj["kind"]) == ("keda.sh/v1alpha1", "ScaledObject")
+        target = obj["spec"]["scaleTargetRef"]
+        (sts,) = find("StatefulSet", target["name"])
+        assert target["kind"] == "StatefulSet" and obj["metadata"]["namespace"] == sts["metadata"]["namespace"]
+        (trigger,) = obj["spec"]["triggers"]
+        query = trigger["metadata"]["query"]
+        assert trigger["type"] == "prometheus" and promql_series_names(query) <= recorded
+        (pool,) = re.findall(r'pool="([^"]+)"', query)
+        assert sets[pool]["metadata"]["name"] == target["name"], f"{target['name']} reads the demand of pool {pool}"
+        (engine,) = sts["spec"]["template"]["spec"]["containers"]
+        profile = profiles.get(launch.build_parser().parse_args(engine["command"][2:]).profile)
+        assert 0 < float(trigger["metadata"]["threshold"]) <= profile.max_running_requests
+        assert 1 <= obj["spec"]["minReplicaCount"] <= sts["spec"]["replicas"] <= obj["spec"]["maxReplicaCount"]
+        down = obj["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+        assert down["stabilizationWindowSeconds"] >= 300, "a GPU replica reloads its weights for minutes"
+        scaled[pool] = obj
+    assert set(scaled) == {p.name for p in config.pools}
+
+
+def test_autoscaling_overlay_renders_the_region_with_its_scalers_and_no_fixed_engine_replica_counts():
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    result = subprocess.run([kubectl, "kustomize", str(AUTOSCALING)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    kinds = [doc["kind"] for doc in rendered]
+    assert kinds.count("ScaledObject") == len(scaled_objects())
+    assert len(rendered) == len(manifests()) + 1 + len(scaled_objects())  # + the generated ConfigMap
+    statefulsets = [doc for doc in rendered if doc["kind"] == "StatefulSet"]
+    assert statefulsets and all("replicas" not in doc["spec"] for doc in statefulsets)
 
 
 # --- Prometheus ------------------------------------------------------------------------------------
