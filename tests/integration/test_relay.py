@@ -202,3 +202,16 @@ def test_losing_leg_is_closed_and_its_slot_released_while_the_winner_still_strea
         assert counter(metrics, f'gateway_endpoint_in_flight{{endpoint="{stalled.urls[0].removeprefix("http://")}"')  == 0
         assert in_flight_total(metrics) == 1  # the winner's stream, still running
         assert b"[DONE]" not in data
+
+
+def test_in_a_hedging_pool_a_first_leg_that_fails_at_once_is_retried_not_hedged(simulator, gateway):
+    bad = simulator("sglang", extra=["--error-rate", "1.0", "--error-status", "503"])
+    good = simulator("sglang")
+    gw = hedging_gateway(gateway, bad.urls + good.urls, 5.0)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0, timeout=20)
+    answers = [ask(client, i, stream=i % 2 == 1) for i in range(4)]
+    assert {endpoint for endpoint, _ in answers} == {good.urls[0].removeprefix("http://")}
+    metrics = gw.metrics()
+    assert counter(metrics, 'gateway_upstream_retries_total{reason="status_503"}') == bad.stats(0)["requests"] == 2
+    assert counter(metrics, "gateway_hedges_total") == 0
+    assert in_flight_total(metrics) == 0
