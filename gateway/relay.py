@@ -30,6 +30,11 @@ goes at most once per attempt, and counts as an attempt. ``gateway_hedges_total{
 says how often it was needed and whether it won. Each leg keeps its own first-byte deadline, so a
 hedged request may wait up to ``hedge_after_s + first_byte_s``. Pools without ``hedge_after_s``
 keep the single-leg path, with no task per request.
+
+A first leg outrun by its hedge counts as a failure of its replica for outlier detection, as a
+first-byte timeout would, only sooner. A replica that merely runs a little slow wins some races and
+loses others, and each answer it gives resets its count; one that stalls loses every race, so it is
+ejected after ``outlier.consecutive_failures`` of them instead of hiding behind the hedges for good.
 """
 
 from __future__ import annotations
@@ -242,6 +247,10 @@ class Relay:
                         if hedged:
                             outcome = "first_won" if ex is first_leg else "hedge_won"
                             self.metrics.child(self.metrics.hedges, pool, outcome).inc()
+                            if first_leg in legs and ex is not first_leg:
+                                # Outrun by a leg sent later: the early sign of a replica that stalls
+                                # without failing, which nothing else would eject (module docstring).
+                                self.outlier.failure(legs[first_leg], time.monotonic())
                         for other in list(legs):
                             if other is not ex:
                                 self._drop(legs, other)

@@ -2,7 +2,7 @@
 
 A gray failure: one of four simulated SGLang replicas holds every request for ``--stall-s`` before
 it starts work (the simulator's ``slow_first_token`` fault), while it keeps passing health checks
-and never answers an error, so nothing ejects it. The same open-loop load (``--requests`` streamed
+and never answers an error, so neither health checks nor error-based ejection catch it. The same open-loop load (``--requests`` streamed
 chats with distinct prompts at ``--rate`` per second) goes, one target after the other and each
 with a fresh simulator, through:
 

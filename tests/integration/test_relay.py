@@ -215,3 +215,17 @@ def test_in_a_hedging_pool_a_first_leg_that_fails_at_once_is_retried_not_hedged(
     assert counter(metrics, 'gateway_upstream_retries_total{reason="status_503"}') == bad.stats(0)["requests"] == 2
     assert counter(metrics, "gateway_hedges_total") == 0
     assert in_flight_total(metrics) == 0
+
+
+def test_a_replica_that_loses_every_hedge_race_is_ejected_and_gets_no_more_requests(simulator, gateway):
+    stalled = simulator("sglang", extra=["--slow-first-token", "300"])
+    good = simulator("sglang")
+    gw = hedging_gateway(gateway, stalled.urls + good.urls, 0.2, extra="[outlier]\nconsecutive_failures = 3\n")
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0, timeout=20)
+    for i in range(12):
+        ask(client, i, stream=i % 2 == 1)
+    stalled_id = stalled.urls[0].removeprefix("http://")
+    metrics = gw.metrics()
+    assert stalled.stats(0)["requests"] == 3  # round robin's every other request, until the third lost race
+    assert counter(metrics, 'gateway_hedges_total{outcome="hedge_won",pool="s"}') == 3
+    assert counter(metrics, f'gateway_endpoint_ejections_total{{endpoint="{stalled_id}"') == 1
