@@ -27,7 +27,7 @@ useful is old information?", 2000). In a simulation of a batch pool (8 replicas 
 requests of 1-3 s at 70-90 % of capacity, a 1 s scrape; a scratch script driving these policy
 classes), the mean max/mean busy for ``least_load`` against ``power_of_two`` was 1.05 against
 1.11-1.14 with one process; 1.66-1.80 against 1.33-1.39 with 4, and 2.00-2.21 against 1.37-1.43
-with 8. Latency p99 rose over the one-process figure by 33-49 % against 0-13 % (4 processes) and
+with 8. Latency p99 rose over the one-process figure by 34-49 % against 0-13 % (4 processes) and
 73-120 % against 0-17 % (8). In one process ``least_load`` balances a little better; a region runs
 several.
 
