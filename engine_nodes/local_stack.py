@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -68,14 +69,19 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
         proc.wait()
 
 
+PORTS_FROM = 10000  # above the well-known and most registered service ports
+
+
 def free_ports(n: int = 1) -> int:
-    """First of ``n`` consecutive ports free on 127.0.0.1 right now (for simulators on K ports)."""
+    """First of ``n`` consecutive ports free on 127.0.0.1 right now (for simulators on K ports).
+
+    Drawn below the kernel's ephemeral range, never from it: a port there that is free when checked
+    can be handed a moment later to any outgoing connection as its local port. A gateway under test
+    once failed to bind such a port (address in use) just after its own health checks had begun.
+    """
+    top = max(_ephemeral_low() - n, PORTS_FROM + 1000)  # a kernel whose range starts low: share it
     for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n > 65535:
-            continue
+        base = random.randrange(PORTS_FROM, top)
         held: list[socket.socket] = []
         try:
             for port in range(base, base + n):
@@ -89,6 +95,15 @@ def free_ports(n: int = 1) -> int:
             for s in held:
                 s.close()
     raise RuntimeError("no block of free ports on 127.0.0.1")
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768, its default, elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def main(argv: list[str] | None = None) -> int:
