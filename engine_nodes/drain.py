@@ -9,10 +9,9 @@ keep sending new requests until their next lookup shows the pod gone (``discover
 the DNS cache's TTL). So the hook keeps the engine serving:
 
 1. for ``--settle-s``, while the gateways notice that the pod left DNS and stop sending to it;
-2. then until the engine's own metrics show no request running or queued (SGLang's
-   ``sglang:num_running_reqs`` and ``sglang:num_queue_reqs``, vLLM's ``vllm:num_requests_running``
-   and ``vllm:num_requests_waiting``), polled every ``--poll-s``, and at most until ``--max-wait-s``
-   from the start.
+2. then until the engine's own metrics show no request running or queued (read as the gateway
+   reads them, ``gateway/engine_signals.py``), polled every ``--poll-s``, and at most until
+   ``--max-wait-s`` from the start.
 
 An idle replica therefore goes after ``settle_s``, a busy one when its last request ends. The pod's
 ``terminationGracePeriodSeconds`` must exceed ``max_wait_s`` (``tests/test_infra.py`` checks it).
@@ -29,11 +28,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from prometheus_client.parser import text_string_to_metric_families
-
-# Requests an engine still holds, by engine: running and queued.
-BUSY_METRICS = frozenset({"sglang:num_running_reqs", "sglang:num_queue_reqs",
-                          "vllm:num_requests_running", "vllm:num_requests_waiting"})
+from gateway.engine_signals import engine_signals
 
 
 def held_requests(metrics_url: str, timeout_s: float = 2.0) -> float | None:
@@ -43,8 +38,8 @@ def held_requests(metrics_url: str, timeout_s: float = 2.0) -> float | None:
             text = resp.read().decode()
     except (urllib.error.URLError, OSError, ValueError):
         return None
-    return sum(sample.value for family in text_string_to_metric_families(text)
-               if family.name in BUSY_METRICS for sample in family.samples)
+    signals = engine_signals(text)
+    return signals[0] + signals[1] if signals is not None else 0.0
 
 
 def wait_idle(metrics_url: str, settle_s: float, max_wait_s: float, poll_s: float = 1.0,

@@ -30,6 +30,7 @@ import time
 import aiohttp
 
 from gateway.admission import Admission
+from gateway.engine_signals import engine_signals
 from gateway.metrics import Metrics
 from gateway.outlier import OutlierDetector
 from gateway.pool import Endpoint, Pool
@@ -180,32 +181,3 @@ class HealthChecker:
                     if stale:
                         log.warning("engine load signal stale; routing on this process's own counts",
                                     extra={"fields": {"endpoint": ep.id, "pool": ep.pool}})
-
-
-_RUNNING = ("sglang:num_running_reqs", "vllm:num_requests_running")
-_WAITING = ("sglang:num_queue_reqs", "vllm:num_requests_waiting")
-# vLLM before the V1 metrics exports KV usage only under its deprecated name, gpu_cache_usage_perc.
-_KV = ("sglang:token_usage", "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
-
-
-def engine_signals(text: str) -> tuple[float, float, float] | None:
-    """(running, waiting, kv usage) summed over label sets, or None if the engine exports none of them."""
-    running = waiting = kv = 0.0
-    found = False
-    for line in text.splitlines():
-        if not line or line[0] == "#":
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in _RUNNING or name in _WAITING or name in _KV:
-            try:
-                value = float(line.rsplit(" ", 1)[1])
-            except (IndexError, ValueError):
-                continue
-            found = True
-            if name in _RUNNING:
-                running += value
-            elif name in _WAITING:
-                waiting += value
-            else:
-                kv = max(kv, value)
-    return (running, waiting, kv) if found else None

@@ -1,6 +1,6 @@
 """Parsing the engines' own metrics into load signals."""
 
-from gateway.health import engine_signals
+from gateway.engine_signals import engine_signals
 
 SGLANG = """# HELP sglang:num_running_reqs The number of running requests.
 # TYPE sglang:num_running_reqs gauge
