@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,22 +72,11 @@ async def _load(url: str, requests: int, rate: float) -> list[float | None]:
         return await asyncio.gather(*tasks)
 
 
-def _hedges(metrics_url: str | None) -> dict[str, float]:
-    if metrics_url is None:
-        return {}
-    counts: dict[str, float] = {}
-    for line in stack.http_text(metrics_url).splitlines():
-        if line.startswith("gateway_hedges_total{"):
-            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
-            counts[outcome] = counts.get(outcome, 0.0) + float(line.rsplit(" ", 1)[1])
-    return counts
-
-
 def run_target(target: str, args: argparse.Namespace, workdir: Path, router_python: Path | None) -> Result:
     spec = stack.SimSpec(replicas=4, speed=1.0, cache_tokens=200_000, model=MODEL)
     with stack.simulator(spec, workdir) as replicas:
         # The stalled replica: alive, healthy, never failing; only slow to start anything.
-        status, _ = post_json(replicas.urls[0] + "/sim/faults", {"slow_first_token": args.stall_s})
+        status = stack.http_post_json(replicas.urls[0] + "/sim/faults", {"slow_first_token": args.stall_s})
         assert status == 200, f"could not set the fault on {replicas.urls[0]}"
         if target.startswith("gateway"):
             extra = f"hedge_after_s = {args.hedge_after_s}\n" if target == "gateway-hedge" else ""
@@ -100,17 +87,10 @@ def run_target(target: str, args: argparse.Namespace, workdir: Path, router_pyth
             front_cm = stack.sglang_router(router_python, replicas, policy, workdir)
         with front_cm as front:
             outcomes = asyncio.run(_load(front.url, args.requests, args.rate))
-            hedges = _hedges(front.metrics_url)
+            hedges = stack.counter_by(front.metrics_url, "gateway_hedges_total", "outcome")
         per_replica = [stack.http_json(url + "/sim/stats")["requests"] for url in replicas.urls]
     ttfts = [t for t in outcomes if t is not None]
     return Result(target, ttfts, len(outcomes) - len(ttfts), hedges, per_replica)
-
-
-def post_json(url: str, doc: dict) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=json.dumps(doc).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=5) as resp:
-        return resp.status, resp.read()
 
 
 def table(results: list[Result], stall_s: float) -> str:

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -269,7 +268,8 @@ def _run_target(
             front_cm = stack.sglang_router(router_python, reps, policy, Path(tmp))
         with front_cm as front:
             result = asyncio.run(replay(front.url, items, speed, reps.urls))
-            branches = _gateway_branches(front.metrics_url) if kind == "gateway" else {}
+            branches = (stack.counter_by(front.metrics_url, "gateway_routing_decisions_total", "branch")
+                        if kind == "gateway" else {})
             engine_stats = asyncio.run(engine_counters(reps.urls))
             hit_rates = asyncio.run(engine_metric(reps.urls, "sglang:cache_hit_rate"))
             logs = asyncio.run(engine_requests(reps.urls, 2 * len(items)))
@@ -286,20 +286,6 @@ def _run_target(
         branches,
         loss,
     )
-
-
-def _gateway_branches(metrics_url: str | None) -> dict[str, float]:
-    """``gateway_routing_decisions_total`` by branch, from the gateway's admin /metrics."""
-    if metrics_url is None:
-        return {}
-    out: dict[str, float] = {}
-    with contextlib.suppress(OSError):
-        for line in stack.http_text(metrics_url).splitlines():
-            if line.startswith("gateway_routing_decisions_total{"):
-                labels, value = line.rsplit(" ", 1)
-                branch = labels.split('branch="', 1)[1].split('"', 1)[0]
-                out[branch] = out.get(branch, 0.0) + float(value)
-    return out
 
 
 def _header(s: Scenario, replicas: int, requests, oracle, arrivals_end: float) -> str:

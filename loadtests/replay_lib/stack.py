@@ -51,6 +51,29 @@ def http_text(url: str, timeout: float = 2.0) -> str:
         return resp.read().decode()
 
 
+def http_post_json(url: str, doc: dict, timeout: float = 5.0) -> int:
+    request = urllib.request.Request(url, data=json.dumps(doc).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        resp.read()
+        return resp.status
+
+
+def counter_by(metrics_url: str | None, metric: str, label: str) -> dict[str, float]:
+    """A gateway counter from its admin /metrics, summed by one label ({} without a gateway, or if
+    the scrape fails)."""
+    if metrics_url is None:
+        return {}
+    out: dict[str, float] = {}
+    with contextlib.suppress(OSError):
+        for line in http_text(metrics_url).splitlines():
+            if line.startswith(metric + "{"):
+                labels, value = line.rsplit(" ", 1)
+                key = labels.split(f'{label}="', 1)[1].split('"', 1)[0]
+                out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
 def _wait(ready, proc: subprocess.Popen, what: str, log: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
