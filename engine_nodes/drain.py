@@ -26,7 +26,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 
 from gateway.engine_signals import engine_signals
 
@@ -42,21 +41,20 @@ def held_requests(metrics_url: str, timeout_s: float = 2.0) -> float | None:
     return signals[0] + signals[1] if signals is not None else 0.0
 
 
-def wait_idle(metrics_url: str, settle_s: float, max_wait_s: float, poll_s: float = 1.0,
-              clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> str:
+def wait_idle(metrics_url: str, settle_s: float, max_wait_s: float, poll_s: float = 1.0) -> str:
     """Wait as the module docstring says; returns why it stopped: ``idle``, ``unreachable`` or
     ``max_wait``."""
-    deadline = clock() + max_wait_s
-    sleep(min(settle_s, max_wait_s))
+    deadline = time.monotonic() + max_wait_s
+    time.sleep(min(settle_s, max_wait_s))
     while True:
         held = held_requests(metrics_url)
         if held is None:
             return "unreachable"
         if held == 0:
             return "idle"
-        if clock() >= deadline:
+        if time.monotonic() >= deadline:
             return "max_wait"
-        sleep(min(poll_s, max(0.0, deadline - clock())))
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
 
 
 def build_parser() -> argparse.ArgumentParser:
