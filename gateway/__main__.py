@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-gateway", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="TOML settings file (environment EDGE_GATEWAY__* overrides it)")
     parser.add_argument("--workers", type=int, help="worker processes (overrides `workers` in the config)")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
+    # Started by the supervisor, with the worker's index (its gossip port is gossip.port + index).
+    parser.add_argument("--worker", type=int, metavar="INDEX", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     from gateway import logs, settings
@@ -39,20 +40,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.setup(config.logging.level)
     workers = args.workers or config.workers
-    if args.worker:
-        return _serve(config, serve_admin=False, reuse_port=True)
+    if args.worker is not None:
+        return _serve(config, serve_admin=False, reuse_port=True, worker=args.worker)
     if workers == 1:
-        return _serve(config, serve_admin=True, reuse_port=False)
+        return _serve(config, serve_admin=True, reuse_port=False, worker=0)
     return _supervise(config, args.config, workers)
 
 
-def _serve(config, serve_admin: bool, reuse_port: bool) -> int:
+def _serve(config, serve_admin: bool, reuse_port: bool, worker: int) -> int:
     import uvloop
 
     from gateway.app import Gateway
 
     async def run() -> None:
-        gateway = Gateway(config, serve_admin=serve_admin)
+        gateway = Gateway(config, serve_admin=serve_admin, worker=worker)
         await gateway.start(reuse_port=reuse_port)
         # Everything built so far lives as long as the process: keep the cyclic GC from walking it
         # again and again, and let the short-lived per-request objects pile up a little longer
@@ -83,11 +84,13 @@ def _supervise(config, config_path: str | None, workers: int) -> int:
     from gateway.admin import start_admin
     from gateway.metrics import Metrics
 
-    cmd = [sys.executable, "-m", "gateway", "--worker"] + (["--config", config_path] if config_path else [])
+    def cmd(worker: int) -> list[str]:
+        return ([sys.executable, "-m", "gateway", "--worker", str(worker)]
+                + (["--config", config_path] if config_path else []))
 
     async def run() -> None:
         metrics = Metrics()
-        procs = [subprocess.Popen(cmd) for _ in range(workers)]
+        procs = [subprocess.Popen(cmd(i)) for i in range(workers)]
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -121,7 +124,7 @@ def _supervise(config, config_path: str | None, workers: int) -> int:
                     log.error("worker exited; restarting", extra={"fields": {"pid": proc.pid,
                                                                              "code": proc.returncode}})
                     multiprocess.mark_process_dead(proc.pid)
-                    procs[i] = subprocess.Popen(cmd)
+                    procs[i] = subprocess.Popen(cmd(i))
             try:
                 await asyncio.wait_for(stopping.wait(), 1.0)
             except asyncio.TimeoutError:

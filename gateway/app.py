@@ -14,20 +14,21 @@ import time
 
 from aiohttp import web
 
+from gateway.admin import admin_app, start_admin
+from gateway.admission import Admission
+from gateway.auth import KeyFileError, KeyStore, pepper_from_env
 from gateway.discovery import Discovery
 from gateway.errors import GatewayError
-from gateway.admin import admin_app, start_admin
-from gateway.auth import KeyFileError, KeyStore, pepper_from_env
+from gateway.gossip import Gossip, secret_from_env
 from gateway.handlers import Handlers, Lifecycle
+from gateway.health import HealthChecker
 from gateway.ledger import Ledger
 from gateway.limits import Limiter
-from gateway.health import HealthChecker
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
+from gateway.outlier import OutlierDetector
 from gateway.picker import Policy, make_policy
 from gateway.pool import Pool
-from gateway.admission import Admission
-from gateway.outlier import OutlierDetector
 from gateway.relay import Relay, RetryBudget
 from gateway.router import Router
 from gateway.server import HttpServer
@@ -38,7 +39,7 @@ log = logging.getLogger("gateway")
 
 
 class Gateway:
-    def __init__(self, settings: Settings, serve_admin: bool = True):
+    def __init__(self, settings: Settings, serve_admin: bool = True, worker: int = 0):
         s = settings
         self.settings = s
         self.serve_admin = serve_admin
@@ -49,6 +50,9 @@ class Gateway:
         self.pools = [Pool(p, build_policy(p.effective_policy, r)) for p in s.pools]
         self.upstream = Upstream(s.timeouts.connect_s, s.limits.upstream_idle_per_endpoint,
                                  self.metrics.upstream_connects.inc)
+        # Before anything keeps a pool's policy: sharing wraps the affinity policies.
+        self.gossip = (Gossip(s.gossip, self.pools, self.metrics, secret_from_env(s.gossip.secret_env),
+                              s.discovery.interval_s, worker, s.workers) if s.gossip.peers else None)
         self.router = Router(self.pools, r)
         self.ledger = Ledger(self.metrics, self.access_log, self.pools)
         self.outlier = OutlierDetector(self.pools, s.outlier)
@@ -86,6 +90,8 @@ class Gateway:
         self.ledger.start()
         await self.health.start()
         await self.discovery.start()
+        if self.gossip is not None:
+            await self.gossip.start()
         # Admin first: once the public port answers (and /readyz says ready), metrics, endpoint
         # state and drain must be reachable too.
         if self.serve_admin:
@@ -131,6 +137,8 @@ class Gateway:
     async def stop(self) -> None:
         await self.server.close()
         await self.discovery.stop()
+        if self.gossip is not None:
+            await self.gossip.stop()
         await self.health.stop()
         self.upstream.close()
         if self._admin_runner is not None:

@@ -99,6 +99,21 @@ class Metrics:
             "gateway_discovery_failures_total",
             "DNS lookups of a pool's SRV name that failed (the pool keeps its last replicas), by reason.",
             ["pool", "reason"], registry=r)
+        self.gossip_placements = Counter(
+            "gateway_gossip_placements_total",
+            "Placements shared with peer gateway processes: sent, received (recorded) and ignored "
+            "(a pool or endpoint this process does not have).",
+            ["direction"], registry=r)
+        self.gossip_dropped = Counter(
+            "gateway_gossip_datagrams_dropped_total",
+            "Gossip datagrams refused (signature, malformed) or not delivered (send_error).",
+            ["reason"], registry=r)
+        self.gossip_lookup_failures = Counter(
+            "gateway_gossip_peer_lookup_failures_total",
+            "Lookups of a gossip peer name that failed (its last addresses are kept).", registry=r)
+        self.gossip_peers = Gauge(
+            "gateway_gossip_peers", "Addresses placements are sent to, this process's own included.",
+            multiprocess_mode="livemax", registry=r)
         self.upstream_connects = Counter(
             "gateway_upstream_connects_total", "New upstream TCP connections opened.", registry=r)
         self._children: dict[tuple, object] = {}

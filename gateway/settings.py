@@ -165,6 +165,25 @@ class Discovery(_Section):
     nameservers: list[str] = msgspec.field(default_factory=list)
 
 
+class Gossip(_Section):
+    """Placement sharing between gateway processes (see gateway/gossip.py)."""
+
+    # "host:port" of the gossip listeners of every gateway process of the region, this one's
+    # included; a host name (the gateway's headless Service) stands for all its addresses and is
+    # resolved every `discovery.interval_s`. Empty: gossip off.
+    peers: list[str] = msgspec.field(default_factory=list)
+    host: str = "0.0.0.0"
+    # UDP; with --workers N, worker i listens on port + i.
+    port: int = 7946
+    # How long a placement may wait for the next datagram to its peers.
+    interval_s: float = 0.02
+    # Below the path MTU would avoid IP fragmentation on pod networks; 8 KB holds about 7
+    # placements of 128 blocks, or a few hundred of short prompts.
+    max_datagram_bytes: int = 8192
+    # Environment variable holding the secret that signs datagrams (required with peers).
+    secret_env: str = "EDGE_GATEWAY_GOSSIP_SECRET"
+
+
 class Admission(_Section):
     """Bounded wait queues per pool and traffic class (see gateway/admission.py)."""
 
@@ -219,6 +238,7 @@ class Settings(_Section):
     routing: Routing = msgspec.field(default_factory=Routing)
     health: Health = msgspec.field(default_factory=Health)
     discovery: Discovery = msgspec.field(default_factory=Discovery)
+    gossip: Gossip = msgspec.field(default_factory=Gossip)
     outlier: Outlier = msgspec.field(default_factory=Outlier)
     admission: Admission = msgspec.field(default_factory=Admission)
     retry_budget: RetryBudget = msgspec.field(default_factory=RetryBudget)
@@ -347,6 +367,17 @@ def _validate(s: Settings) -> None:
         for key in ("health_path", "metrics_path"):
             if not getattr(pool, key).startswith("/"):
                 raise bad(f"{where}.{key}", "must start with /")
+    g = s.gossip
+    if not 0 < g.port <= 65535 - (s.workers - 1):
+        raise bad("gossip.port", f"must leave room for one UDP port per worker (1-{65535 - s.workers + 1}), "
+                  f"got {g.port}")
+    if g.interval_s <= 0:
+        raise bad("gossip.interval_s", f"must be positive, got {g.interval_s}")
+    if not 512 <= g.max_datagram_bytes <= 65000:
+        raise bad("gossip.max_datagram_bytes", f"must be between 512 and 65000, got {g.max_datagram_bytes}")
+    for i, entry in enumerate(g.peers):
+        if peer_address(entry) is None:
+            raise bad(f"gossip.peers[{i}]", f"must look like host:port, got {entry!r}")
     for i, server in enumerate(s.discovery.nameservers):
         if nameserver(server) is None:
             raise bad(f"discovery.nameservers[{i}]", f"must be an IP address, optionally with :port, got {server!r}")
@@ -356,6 +387,15 @@ def _is_srv_name(name: str) -> bool:
     labels = name.rstrip(".").split(".")
     return (len(labels) >= 3 and labels[0].startswith("_") and labels[1] in ("_tcp", "_udp")
             and all(0 < len(label) <= 63 for label in labels))
+
+
+def peer_address(entry: str) -> tuple[str, int] | None:
+    """(host, port) of a `gossip.peers` entry ("10.0.0.7:7946", "edge-gateway-peers.inference:7946"),
+    or None if it is not one."""
+    host, sep, port = entry.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        return None
+    return host, int(port)
 
 
 def nameserver(server: str) -> tuple[str, int] | None:

@@ -85,6 +85,11 @@ def test_environment_overrides_nested_keys_and_list_items(tmp_path):
     (POOL.replace('endpoints = ["http://127.0.0.1:30000"]', ''), "pools[0].endpoints"),
     (POOL + '[discovery]\nnameservers = ["dns.local:53"]\n', "discovery.nameservers[0]"),
     ('[discovery]\ninterval_s = 0\n', "discovery.interval_s"),
+    ('[gossip]\npeers = ["10.0.0.7"]\n', "gossip.peers[0]"),
+    ('[gossip]\npeers = ["gateways.inference:http"]\n', "gossip.peers[0]"),
+    ('workers = 4\n[gossip]\nport = 65534\n', "gossip.port"),
+    ('[gossip]\ninterval_s = 0\n', "gossip.interval_s"),
+    ('[gossip]\nmax_datagram_bytes = 100\n', "gossip.max_datagram_bytes"),
 ])
 def test_invalid_config_fails_fast_naming_the_bad_key(tmp_path, text, key):
     with pytest.raises(settings.SettingsError) as e:

@@ -1,0 +1,150 @@
+"""Two gateway processes that share placements by gossip, in front of the same simulator replicas.
+
+Each test makes the first gateway place a session or a prompt where the second would not (the admin
+API ejects the ring owner in the first gateway only), then sends the next request to the second
+gateway, which can only find the right replica through gossip."""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+
+import openai
+import pytest
+
+from engine_nodes.local_stack import free_ports
+from gateway import affinity
+from gateway.gossip import Codec, Placement
+from gateway.ring import HashRing
+from gateway.settings import Routing
+from tests.conftest import FAST_HEALTH, MODEL, pool_toml
+
+SECRET = "gossip-test-secret-0123456789"
+SYSTEM = "You answer questions about the archive of the harbour office, citing the ledger page. " * 12
+
+
+@pytest.fixture
+def pair(simulator, gateway, monkeypatch):
+    """(simulator, first gateway, second gateway): two replicas, gossip between the gateways."""
+    monkeypatch.setenv("EDGE_GATEWAY_GOSSIP_SECRET", SECRET)  # inherited by the gateway processes
+    sim = simulator("sglang", replicas=2)
+    ports = [free_ports(), free_ports()]
+    peers = ", ".join(f'"127.0.0.1:{p}"' for p in ports)
+    gateways = [gateway(FAST_HEALTH + "[routing]\nendpoint_header = true\n"
+                        f'[gossip]\nhost = "127.0.0.1"\nport = {port}\npeers = [{peers}]\ninterval_s = 0.01\n'
+                        + pool_toml("s", "sglang", "interactive", sim.urls)) for port in ports]
+    return sim, gateways[0], gateways[1], ports
+
+
+def ring_owner(sim, key: int) -> str:
+    return HashRing([f"127.0.0.1:{p}" for p in sim.ports], Routing().vnodes).owner(key)
+
+
+def eject(gw, endpoint: str) -> None:
+    req = urllib.request.Request(f"{gw.admin_url}/admin/endpoints/s/{endpoint}/eject?seconds=60", method="POST")
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.status == 200
+
+
+def received(gw) -> float:
+    for line in gw.metrics().splitlines():
+        if line.startswith('gateway_gossip_placements_total{direction="received"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def wait_received(gw, count: int) -> None:
+    deadline = time.monotonic() + 10  # generous: the promise is where requests land, not how fast
+    while received(gw) < count:
+        assert time.monotonic() < deadline, "no placement arrived by gossip"
+        time.sleep(0.02)
+
+
+def client(gw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)
+
+
+def test_a_session_placed_by_one_gateway_is_followed_by_its_peer(pair):
+    sim, first, second, _ = pair
+    session = "conversation-7"
+    owner = ring_owner(sim, affinity.key_hash(session))
+    (elsewhere,) = {f"127.0.0.1:{p}" for p in sim.ports} - {owner}
+    eject(first, owner)  # the first gateway places the new session on the other replica
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Which ship came first?"}]
+    raw = client(first).chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages, max_tokens=8, extra_headers={"X-Session-ID": session})
+    assert raw.headers["x-gateway-endpoint"] == elsewhere
+    wait_received(second, 1)
+
+    # The second gateway never saw the session; without gossip it would presume it on its ring owner.
+    messages += [{"role": "assistant", "content": raw.parse().choices[0].message.content},
+                 {"role": "user", "content": "And the second?"}]
+    for _ in range(3):
+        raw = client(second).chat.completions.with_raw_response.create(
+            model=MODEL, messages=messages, max_tokens=8, extra_headers={"X-Session-ID": session})
+        assert raw.headers["x-gateway-endpoint"] == elsewhere
+
+
+def test_a_prompt_placed_by_one_gateway_is_a_prefix_hit_on_its_peer(pair):
+    sim, first, second, _ = pair
+    routing = Routing()
+    keys = affinity.prefix_hashes(MODEL, SYSTEM, routing.block_chars, routing.max_prefix_chars)
+    owner = ring_owner(sim, keys[routing.ring_key_blocks - 1])
+    (elsewhere,) = {f"127.0.0.1:{p}" for p in sim.ports} - {owner}
+    eject(first, owner)
+    raw = client(first).completions.with_raw_response.create(model=MODEL, prompt=SYSTEM + "Q: first?", max_tokens=4)
+    assert raw.headers["x-gateway-endpoint"] == elsewhere
+    wait_received(second, 1)
+
+    raw = client(second).completions.with_raw_response.create(model=MODEL, prompt=SYSTEM + "Q: second?", max_tokens=4)
+    assert raw.headers["x-gateway-endpoint"] == elsewhere
+    usage = raw.parse().usage
+    assert usage.prompt_tokens_details.cached_tokens >= len(SYSTEM) // 8  # the engine did have it cached
+    assert 'branch="prefix_hit"' in second.metrics()
+
+
+def test_a_datagram_not_signed_with_the_shared_secret_changes_no_placement(pair):
+    sim, _, second, ports = pair
+    session = "conversation-8"
+    owner = ring_owner(sim, affinity.key_hash(session))
+    (elsewhere,) = {f"127.0.0.1:{p}" for p in sim.ports} - {owner}
+    forged = next(Codec(b"not-the-secret-at-all", 8192).encode(1, [
+        Placement("s", elsewhere, [], affinity.key_hash(session))]))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.sendto(forged, ("127.0.0.1", ports[1]))
+    deadline = time.monotonic() + 10
+    while 'gateway_gossip_datagrams_dropped_total{reason="signature"} 1.0' not in second.metrics():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"},
+                {"role": "user", "content": "Which ship came first?"}]
+    raw = client(second).chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages, max_tokens=4, extra_headers={"X-Session-ID": session})
+    assert raw.headers["x-gateway-endpoint"] == owner
+
+
+def test_the_workers_of_one_gateway_share_placements_with_each_other(simulator, gateway, monkeypatch):
+    monkeypatch.setenv("EDGE_GATEWAY_GOSSIP_SECRET", SECRET)
+    sim = simulator("sglang", replicas=2)
+    port = free_ports(2)  # worker i listens on port + i
+    gw = gateway(FAST_HEALTH + f'[gossip]\nhost = "127.0.0.1"\nport = {port}\npeers = ["127.0.0.1:{port}"]\n'
+                 + pool_toml("s", "sglang", "interactive", sim.urls), workers=2)
+
+    def ask(i: int) -> None:  # a fresh connection each time: the kernel spreads them over both workers
+        openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0).completions.create(
+            model=MODEL, prompt=f"{i} " + SYSTEM, max_tokens=2)
+
+    # Readiness needs one worker only; placements sent before the other listens are lost, by design.
+    # Once one has arrived anywhere, both workers listen.
+    deadline = time.monotonic() + 10
+    while not received(gw):
+        assert time.monotonic() < deadline, "no placement arrived by gossip"
+        ask(-1)
+        time.sleep(0.05)
+    assert "gateway_gossip_peers 2.0" in gw.metrics()
+    before = received(gw)
+    for i in range(20):
+        ask(i)
+    wait_received(gw, before + 20)  # each placement reached the other worker

@@ -1,0 +1,59 @@
+"""Placement gossip's datagrams: what goes in comes out, within the size limit, and only under the secret."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.gossip import TAG_BYTES, Codec, Placement, secret_from_env
+
+SECRET = b"0123456789abcdef-secret"
+U64 = st.integers(min_value=0, max_value=2**64 - 1)
+placements = st.builds(
+    Placement,
+    pool=st.sampled_from(["sglang-llama8b", "p"]),
+    endpoint=st.sampled_from(["sglang-llama8b-0.sglang-llama8b.inference.svc.cluster.local:30000", "127.0.0.1:1"]),
+    prefix=st.lists(U64, max_size=200),
+    session=st.none() | U64,
+    opening=st.booleans(),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(batch=st.lists(placements, max_size=60), limit=st.integers(min_value=512, max_value=9000))
+def test_every_placement_arrives_in_order_in_datagrams_within_the_size_limit(batch, limit):
+    codec = Codec(SECRET, limit)
+    datagrams = list(codec.encode(7, batch))
+    assert all(len(d) <= limit for d in datagrams)
+    received = [p for d in datagrams for p in codec.decode(d).placements]
+    assert [(p.pool, p.endpoint, p.session, p.opening) for p in received] == \
+        [(p.pool, p.endpoint, p.session, p.opening) for p in batch]
+    for sent, got in zip(batch, received):
+        # A placement too long for a datagram keeps a leading part of its prompt, which is still true.
+        assert got.prefix == sent.prefix[:len(got.prefix)]
+        if len(sent.prefix) * 9 + 200 < limit - 64:
+            assert got.prefix == sent.prefix
+
+
+def test_a_datagram_tampered_with_or_signed_with_another_secret_is_refused():
+    codec = Codec(SECRET, 8192)
+    (datagram,) = codec.encode(7, [Placement("p", "127.0.0.1:1", [1, 2, 3], 42)])
+    flipped = datagram[:-1] + bytes([datagram[-1] ^ 1])
+    for data in (flipped, next(Codec(b"another-secret-of-16", 8192).encode(7, [Placement("p", "e", [1])])),
+                 datagram[:TAG_BYTES - 1]):
+        with pytest.raises(ValueError, match="signature"):
+            codec.decode(data)
+
+
+def test_a_signed_datagram_that_is_not_a_placement_list_is_refused_as_malformed():
+    codec = Codec(SECRET, 8192)
+    body = b"\x93\x01\x02\x03"  # msgpack [1, 2, 3]
+    with pytest.raises(ValueError, match="malformed"):
+        codec.decode(codec._tag(body) + body)
+
+
+def test_peers_without_a_secret_stop_start_up_naming_the_variable():
+    with pytest.raises(SystemExit, match="EDGE_GATEWAY_GOSSIP_SECRET"):
+        secret_from_env("EDGE_GATEWAY_GOSSIP_SECRET", environ={"EDGE_GATEWAY_GOSSIP_SECRET": "short"})
+    assert secret_from_env("S", environ={"S": "x" * 16}) == b"x" * 16
