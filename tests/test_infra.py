@@ -202,6 +202,28 @@ def test_pools_find_their_replicas_in_the_srv_records_of_their_statefulsets_head
         assert pool.endpoints == []
 
 
+def test_gateway_pods_gossip_with_every_pod_of_their_deployment_on_a_port_only_they_may_reach(
+        deployment, container, config):
+    (peers,) = config.gossip.peers
+    host, port = settings.peer_address(peers)
+    name, namespace = host.split(".")[:2]
+    (svc,) = find("Service", name)
+    assert svc["metadata"]["namespace"] == namespace == deployment["metadata"]["namespace"]
+    assert host == f"{name}.{namespace}.svc.cluster.local"
+    assert svc["spec"]["clusterIP"] == "None", "one A record per pod needs a headless Service"
+    assert svc["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    (svc_port,) = svc["spec"]["ports"]
+    assert svc_port["protocol"] == "UDP" and svc_port["port"] == port == config.gossip.port
+    (container_port,) = [p for p in container["ports"] if p["name"] == svc_port["targetPort"]]
+    assert container_port["containerPort"] == port and container_port["protocol"] == "UDP"
+    assert config.workers == 1, "worker i would listen on port + i, which the Service does not name"
+    secret = [e for e in container["env"] if e["name"] == config.gossip.secret_env]
+    assert secret and secret[0]["valueFrom"]["secretKeyRef"], "the gossip secret comes from a Secret"
+    (policy,) = find("NetworkPolicy", "edge-gateway")
+    (rule,) = [r for r in policy["spec"]["ingress"] if {"port": port, "protocol": "UDP"} in r.get("ports", [])]
+    assert rule["from"] == [{"podSelector": {"matchLabels": policy["spec"]["podSelector"]["matchLabels"]}}]
+
+
 def test_engines_launch_a_known_profile_of_their_pool_with_one_gpu_per_tp_rank(config):
     sets = engine_sets()
     for pool in config.pools:
