@@ -3,6 +3,7 @@
     python loadtests/replay.py                 # full run: 8 replicas, both traces, 4 targets each
     python loadtests/replay.py --quick         # smoke run: 3 replicas, few requests, our gateway only
     python loadtests/replay.py --traces mooncake --targets gateway:prefix,sglang:cache_aware
+    python loadtests/replay.py --targets gateway:prefix --gateway-workers 2 --gossip
 
 For each trace (Mooncake FAST'25 synthetic, hh-rlhf sessions; ``../shared/traces``):
 
@@ -64,6 +65,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine_nodes import profiles
+from gateway.ledger import FLUSH_INTERVAL_S
 from loadtests.replay_lib import report, stack
 from loadtests.replay_lib.driver import engine_counters, engine_metric, engine_requests, replay
 from loadtests.replay_lib.loss import hit_loss, placements
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     targets = (
         args.targets.split(",") if args.targets else (["gateway:prefix"] if args.quick else list(ALL_TARGETS))
     )
+    if args.gossip and args.gateway_workers < 2:
+        raise SystemExit("--gossip needs --gateway-workers 2 or more: one process has no one to tell")
     for t in targets:
         if t not in ALL_TARGETS:
             raise SystemExit(f"unknown target {t!r}; expected some of {', '.join(ALL_TARGETS)}")
@@ -153,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             router_problem = f"sglang-router cannot run here: {e}"
             _log(router_problem)
     record["sglang_router"] = router_problem or stack.ROUTER_PACKAGE
+    processes = stack.GatewayProcesses(args.gateway_workers, args.gossip)
+    record["gateway_processes"] = asdict(processes)
     for name in args.traces.split(","):
         scenario = _override(scenarios[name], args)
-        record["traces"][name] = run_trace(scenario, replicas, targets, router_python, router_problem)
+        record["traces"][name] = run_trace(scenario, replicas, targets, router_python, router_problem, processes)
     record["wall_s"] = time.monotonic() - started
     print(f"\ntotal wall time {record['wall_s']:.0f} s")
     out = Path(args.json) if args.json else RESULTS / f"replay-{datetime.now():%Y%m%d-%H%M%S}.json"
@@ -171,6 +177,7 @@ def run_trace(
     targets: list[str],
     router_python: Path | None,
     router_problem: str | None,
+    processes: stack.GatewayProcesses,
 ) -> dict:
     shaping = scenario.shaping
     if scenario.trace == "mooncake":
@@ -180,7 +187,7 @@ def run_trace(
     items = render(requests, BlockText(scenario.trace, shaping.block_tokens), MODEL)
     oracle = shared_cache_oracles(items, MODEL, PROFILE.page_size, replicas * scenario.cache_tokens)
     arrivals_end = requests[-1].arrival_s / scenario.speed
-    header = _header(scenario, replicas, requests, oracle, arrivals_end)
+    header = _header(scenario, replicas, requests, oracle, arrivals_end, processes)
     print("\n" + header, flush=True)
     rows: list[report.TargetSummary] = []
     failures: dict[str, str] = {}
@@ -191,7 +198,7 @@ def run_trace(
             continue
         try:
             summary = _run_target(
-                target, kind, policy, spec, items, scenario.speed, arrivals_end, oracle, router_python
+                target, kind, policy, spec, items, scenario.speed, arrivals_end, oracle, router_python, processes
             )
         except stack.StackError as e:
             failures[target] = str(e)
@@ -259,15 +266,17 @@ def _run_target(
     arrivals_end: float,
     oracle,
     router_python: Path | None,
+    processes: stack.GatewayProcesses,
 ) -> report.TargetSummary:
     with stack.scratch_dir() as tmp, stack.simulator(spec, Path(tmp)) as reps:
         if kind == "gateway":
-            front_cm = stack.gateway(reps, policy, spec.model, Path(tmp))
+            front_cm = stack.gateway(reps, policy, spec.model, Path(tmp), processes=processes)
         else:
             assert router_python is not None
             front_cm = stack.sglang_router(router_python, reps, policy, Path(tmp))
         with front_cm as front:
             result = asyncio.run(replay(front.url, items, speed, reps.urls))
+            time.sleep(2 * FLUSH_INTERVAL_S)  # the last requests' decisions reach the metrics in batches
             branches = (stack.counter_by(front.metrics_url, "gateway_routing_decisions_total", "branch")
                         if kind == "gateway" else {})
             engine_stats = asyncio.run(engine_counters(reps.urls))
@@ -288,7 +297,8 @@ def _run_target(
     )
 
 
-def _header(s: Scenario, replicas: int, requests, oracle, arrivals_end: float) -> str:
+def _header(s: Scenario, replicas: int, requests, oracle, arrivals_end: float,
+            processes: stack.GatewayProcesses) -> str:
     sh = s.shaping
     trace_span = requests[-1].arrival_s * sh.rate_scale
     outs = [r.output_tokens for r in requests]
@@ -318,7 +328,7 @@ def _header(s: Scenario, replicas: int, requests, oracle, arrivals_end: float) -
         f"{arrivals_end:.1f} s of wall time",
         f"- KV pool: --cache-tokens {s.cache_tokens} per replica (pages of {PROFILE.page_size} tokens); "
         f"oracles over {oracle.prompt_tokens} prompt tokens",
-        f"- routers: our gateway with {_gateway_settings()} (access log off), sglang-router "
+        f"- routers: our gateway ({processes.describe()}) with {_gateway_settings()} (access log off), sglang-router "
         f"{stack.ROUTER_PACKAGE.split('==')[1]} with default policy settings (--log-level warn)",
         "- TTFT: wall-clock ms measured by the client (x speed = simulated engine time); load spread: "
         "/sim/stats running + waiting per replica every 100 ms, while requests arrive",
@@ -369,6 +379,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-scale", type=float)
     p.add_argument("--speed", type=float)
     p.add_argument("--cache-tokens", type=int)
+    p.add_argument("--gateway-workers", type=int, default=1,
+                   help="our gateway's worker processes; the replay's pooled connections spread over them")
+    p.add_argument("--gossip", action="store_true",
+                   help="with --gateway-workers, the workers share placements (gateway/gossip.py)")
     p.add_argument(
         "--json", help="where to write the JSON record (default loadtests/results/replay-<time>.json)"
     )

@@ -9,7 +9,8 @@ PID (SIGTERM, then SIGKILL after a grace period), from a ``with`` block, so a fa
 nothing behind.
 
 Readiness is checked the way each router reports it: the gateway's admin ``/admin/endpoints``
-listing every endpoint healthy, sglang-router's ``/workers`` listing every worker healthy. Without
+listing every endpoint healthy (with several workers, whose admin listener has no such page: every
+endpoint healthy in the metrics and ``/readyz``), sglang-router's ``/workers`` listing every worker healthy. Without
 network access sglang-router fails to fetch the model's tokenizer from the Hugging Face hub (it
 ignores ``HF_HUB_OFFLINE``); that is a background step of worker registration that runs after the
 workers are activated, its failure is a logged warning, and HTTP routing works on text without it,
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -150,20 +153,40 @@ class Front:
     pid: int
 
 
+@dataclass(frozen=True)
+class GatewayProcesses:
+    """How many gateway processes serve a replay, and whether they share placements by gossip."""
+
+    workers: int = 1
+    gossip: bool = False
+
+    def describe(self) -> str:
+        if self.workers == 1:
+            return "one process"
+        return f"{self.workers} worker processes" + (", gossip between them" if self.gossip else ", no gossip")
+
+
 @contextlib.contextmanager
-def gateway(replicas: Replicas, policy: str, model: str, workdir: Path, pool_extra: str = "") -> Iterator[Front]:
+def gateway(replicas: Replicas, policy: str, model: str, workdir: Path, pool_extra: str = "",
+            processes: GatewayProcesses = GatewayProcesses()) -> Iterator[Front]:
     """Our gateway with its defaults but for the log; ``pool_extra``: more TOML lines for the pool."""
     port, admin = free_ports(1), free_ports(1)
     config = workdir / f"gateway-{port}.toml"
     endpoints = ", ".join(f'"{u}"' for u in replicas.urls)
+    env = None
+    gossip = ""
+    if processes.gossip:
+        first = free_ports(processes.workers)  # worker i listens on first + i
+        gossip = f'[gossip]\nhost = "127.0.0.1"\nport = {first}\npeers = ["127.0.0.1:{first}"]\n'
+        env = {**os.environ, "EDGE_GATEWAY_GOSSIP_SECRET": secrets.token_hex(16)}
     # Access log off and warnings only: sglang-router runs with --log-level warn as well, so
     # neither spends the shared CPU on per-request log lines.
     config.write_text(
-        f'region = "replay"\nworkers = 1\n'
+        f'region = "replay"\nworkers = {processes.workers}\n'
         f'[listen]\nhost = "127.0.0.1"\nport = {port}\n'
         f'[admin]\nhost = "127.0.0.1"\nport = {admin}\n'
         f'[logging]\nlevel = "warning"\naccess_log = false\n'
-        f"[health]\ninterval_s = 0.5\n"
+        f"[health]\ninterval_s = 0.5\n" + gossip +
         f'[[pools]]\nname = "replay"\nengine = "sglang"\nrole = "interactive"\nmodels = ["{model}"]\n'
         f'endpoints = [{endpoints}]\npolicy = "{policy}"\n' + pool_extra
     )
@@ -174,6 +197,7 @@ def gateway(replicas: Replicas, policy: str, model: str, workdir: Path, pool_ext
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
+            env=env,
         )
     try:
         admin_url = f"http://127.0.0.1:{admin}"
@@ -182,7 +206,19 @@ def gateway(replicas: Replicas, policy: str, model: str, workdir: Path, pool_ext
             rows = http_json(f"{admin_url}/admin/endpoints")
             return len(rows) == len(replicas.urls) and all(r["available"] for r in rows)
 
-        _wait(ready, proc, "gateway", log, 30.0)
+        def workers_ready() -> bool:
+            # With workers the admin listener is the supervisor's (metrics and /healthz only), and
+            # the health gauge is the highest over the workers: every replica healthy in one of
+            # them, plus two health intervals for the others.
+            healthy = [line for line in http_text(f"{admin_url}/metrics").splitlines()
+                       if line.startswith("gateway_endpoint_healthy{") and line.endswith(" 1.0")]
+            if len(healthy) < len(replicas.urls):
+                return False
+            http_text(f"http://127.0.0.1:{port}/readyz")  # raises unless 200
+            time.sleep(1.0)
+            return True
+
+        _wait(ready if processes.workers == 1 else workers_ready, proc, "gateway", log, 30.0)
         yield Front(f"http://127.0.0.1:{port}", f"{admin_url}/metrics", proc.pid)
     finally:
         stop_process(proc, grace_s=40.0)

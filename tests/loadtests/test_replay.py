@@ -146,3 +146,21 @@ def test_quick_replay_reports_numbers_bounded_by_the_unlimited_oracle(tmp_path):
         assert 0 < ours["ttft_p50_ms"] <= ours["ttft_p99_ms"]
         assert ours["spread_mean"] >= 1.0
         assert sum(ours["branches"].values()) == ours["requests"]
+
+
+@pytest.mark.timeout(90)
+def test_quick_replay_runs_our_gateway_as_two_workers_that_gossip(tmp_path):
+    out = tmp_path / "replay.json"
+    proc = subprocess.run(
+        [sys.executable, "loadtests/replay.py", "--quick", "--traces", "hh_rlhf", "--gateway-workers", "2",
+         "--gossip", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=80, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "our gateway (2 worker processes, gossip between them)" in proc.stdout
+    record = json.loads(out.read_text())
+    assert record["gateway_processes"] == {"workers": 2, "gossip": True}
+    (ours,) = record["traces"]["hh_rlhf"]["targets"]
+    assert ours["requests"] > 0 and ours["errors"] == 0, ours["error_examples"]
+    # Both workers' decisions are counted: the supervisor's metrics sum over them.
+    assert sum(ours["branches"].values()) == ours["requests"]
