@@ -124,7 +124,9 @@ class Routing(_Section):
     # (load_factor bounds what placed work keeps). 1.0 spreads new work evenly and lifts one
     # process's hit ratio and TTFT (replay benchmark, Mooncake: hit 0.355 -> 0.408, p99 -20 %), but
     # then a cold prefix passes its owner about as often as not, and processes that did not place it
-    # look for it there (simulation, 4 processes sharing clients: hit 0.30 -> 0.24).
+    # look for it there (simulation, 4 processes sharing clients: hit 0.30 -> 0.24). Processes that
+    # gossip (`gossip.peers`) learn each other's placements and can use 1.0 (README, "Sharing
+    # placements between gateway processes").
     ring_load_factor: float = 1.25
     index_capacity_blocks: int = 262144
     index_ttl_s: float = 600.0

@@ -129,7 +129,8 @@ def test_the_workers_of_one_gateway_share_placements_with_each_other(simulator, 
     monkeypatch.setenv("EDGE_GATEWAY_GOSSIP_SECRET", SECRET)
     sim = simulator("sglang", replicas=2)
     port = free_ports(2)  # worker i listens on port + i
-    gw = gateway(FAST_HEALTH + f'[gossip]\nhost = "127.0.0.1"\nport = {port}\npeers = ["127.0.0.1:{port}"]\n'
+    # A host name stands for its addresses (here /etc/hosts: 127.0.0.1), as a headless Service's does.
+    gw = gateway(FAST_HEALTH + f'[gossip]\nhost = "127.0.0.1"\nport = {port}\npeers = ["localhost:{port}"]\n'
                  + pool_toml("s", "sglang", "interactive", sim.urls), workers=2)
 
     def ask(i: int) -> None:  # a fresh connection each time: the kernel spreads them over both workers
