@@ -4,7 +4,9 @@ With one worker, one process serves the public and the admin listener. With ``--
 supervisor starts N worker processes that share the public port (SO_REUSEPORT, the kernel spreads
 connections), serves the admin listener itself, restarts a worker that dies, and forwards SIGTERM so
 that every worker drains. Metrics go through prometheus-client's multiprocess directory, so any
-``/metrics`` reports the sum over all workers.
+``/metrics`` reports the sum over all workers. Unless ``gossip.peers`` names the region's processes,
+the workers share their placements with each other over loopback sockets the supervisor binds
+(``gossip.between_workers``, gateway/gossip.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import gc
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -27,33 +30,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-gateway", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="TOML settings file (environment EDGE_GATEWAY__* overrides it)")
     parser.add_argument("--workers", type=int, help="worker processes (overrides `workers` in the config)")
-    # Started by the supervisor, with the worker's index (its gossip port is gossip.port + index).
+    # Started by the supervisor, with the worker's index (its gossip port is gossip.port + index)
+    # and, when the workers gossip among themselves, their loopback sockets (gossip.Siblings).
     parser.add_argument("--worker", type=int, metavar="INDEX", help=argparse.SUPPRESS)
+    parser.add_argument("--siblings", metavar="FD:PORTS", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     from gateway import logs, settings
 
     try:
-        config = settings.load(args.config)
+        config = settings.load(args.config, workers=args.workers)
     except settings.SettingsError as e:
         print(f"edge-gateway: {e}", file=sys.stderr)
         return 2
     logs.setup(config.logging.level)
-    workers = args.workers or config.workers
     if args.worker is not None:
-        return _serve(config, serve_admin=False, reuse_port=True, worker=args.worker)
-    if workers == 1:
+        from gateway.gossip import Siblings
+
+        siblings = Siblings.parse(args.siblings) if args.siblings else None
+        return _serve(config, serve_admin=False, reuse_port=True, worker=args.worker, siblings=siblings)
+    if config.workers == 1:
         return _serve(config, serve_admin=True, reuse_port=False, worker=0)
-    return _supervise(config, args.config, workers)
+    return _supervise(config, args.config)
 
 
-def _serve(config, serve_admin: bool, reuse_port: bool, worker: int) -> int:
+def _serve(config, serve_admin: bool, reuse_port: bool, worker: int, siblings=None) -> int:
     import uvloop
 
     from gateway.app import Gateway
 
     async def run() -> None:
-        gateway = Gateway(config, serve_admin=serve_admin, worker=worker)
+        gateway = Gateway(config, serve_admin=serve_admin, worker=worker, siblings=siblings)
         await gateway.start(reuse_port=reuse_port)
         # Everything built so far lives as long as the process: keep the cyclic GC from walking it
         # again and again, and let the short-lived per-request objects pile up a little longer
@@ -74,7 +81,7 @@ def _serve(config, serve_admin: bool, reuse_port: bool, worker: int) -> int:
     return 0
 
 
-def _supervise(config, config_path: str | None, workers: int) -> int:
+def _supervise(config, config_path: str | None) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="edge-gateway-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before prometheus_client is imported
     import uvloop
@@ -82,15 +89,27 @@ def _supervise(config, config_path: str | None, workers: int) -> int:
     from prometheus_client import multiprocess
 
     from gateway.admin import start_admin
+    from gateway.gossip import Siblings, bind_siblings
     from gateway.metrics import Metrics
 
-    def cmd(worker: int) -> list[str]:
-        return ([sys.executable, "-m", "gateway", "--worker", str(worker)]
-                + (["--config", config_path] if config_path else []))
+    workers = config.workers
+    socks = bind_siblings(workers) if config.gossip.between_workers and not config.gossip.peers else []
+    # The secret is drawn anew at every start: only this supervisor's workers ever hold it.
+    env = {**os.environ, config.gossip.secret_env: secrets.token_hex(32)} if socks else None
+    ports = tuple(sock.getsockname()[1] for sock in socks)
+
+    def start(worker: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "gateway", "--worker", str(worker), "--workers", str(workers)]
+        cmd += ["--config", config_path] if config_path else []
+        if not socks:
+            return subprocess.Popen(cmd)
+        sock = socks[worker]
+        cmd += ["--siblings", Siblings(sock.fileno(), ports).argument()]
+        return subprocess.Popen(cmd, pass_fds=(sock.fileno(),), env=env)
 
     async def run() -> None:
         metrics = Metrics()
-        procs = [subprocess.Popen(cmd(i)) for i in range(workers)]
+        procs = [start(i) for i in range(workers)]
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -124,7 +143,7 @@ def _supervise(config, config_path: str | None, workers: int) -> int:
                     log.error("worker exited; restarting", extra={"fields": {"pid": proc.pid,
                                                                              "code": proc.returncode}})
                     multiprocess.mark_process_dead(proc.pid)
-                    procs[i] = subprocess.Popen(cmd(i))
+                    procs[i] = start(i)
             try:
                 await asyncio.wait_for(stopping.wait(), 1.0)
             except asyncio.TimeoutError:
@@ -142,6 +161,8 @@ def _supervise(config, config_path: str | None, workers: int) -> int:
     try:
         uvloop.run(run())
     finally:
+        for sock in socks:
+            sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 

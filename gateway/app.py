@@ -19,7 +19,7 @@ from gateway.admission import Admission
 from gateway.auth import KeyFileError, KeyStore, pepper_from_env
 from gateway.discovery import Discovery
 from gateway.errors import GatewayError
-from gateway.gossip import Gossip, secret_from_env
+from gateway.gossip import Gossip, Siblings, secret_from_env
 from gateway.handlers import Handlers, Lifecycle
 from gateway.health import HealthChecker
 from gateway.ledger import Ledger
@@ -39,7 +39,8 @@ log = logging.getLogger("gateway")
 
 
 class Gateway:
-    def __init__(self, settings: Settings, serve_admin: bool = True, worker: int = 0):
+    def __init__(self, settings: Settings, serve_admin: bool = True, worker: int = 0,
+                 siblings: Siblings | None = None):
         s = settings
         self.settings = s
         self.serve_admin = serve_admin
@@ -52,7 +53,8 @@ class Gateway:
                                  self.metrics.upstream_connects.inc)
         # Before anything keeps a pool's policy: sharing wraps the affinity policies.
         self.gossip = (Gossip(s.gossip, self.pools, self.metrics, secret_from_env(s.gossip.secret_env),
-                              s.discovery.interval_s, worker, s.workers) if s.gossip.peers else None)
+                              s.discovery.interval_s, worker, s.workers, siblings)
+                       if s.gossip.peers or siblings else None)
         self.router = Router(self.pools, r)
         self.ledger = Ledger(self.metrics, self.access_log, self.pools)
         self.outlier = OutlierDetector(self.pools, s.outlier)

@@ -22,7 +22,11 @@ Peers. ``gossip.peers`` lists ``host:port`` entries; a host name (in Kubernetes,
 headless Service) is resolved through the system resolver every ``discovery.interval_s`` and stands
 for all its addresses. With ``--workers N`` worker ``i`` listens on ``gossip.port + i`` and sends to
 ports ``port .. port + N - 1`` of every peer address, so workers of one pod share as pods do. A
-process finds itself among its peers and drops its own datagrams by sender id.
+process finds itself among its peers and drops its own datagrams by sender id. Without peers, the
+workers of one supervisor still share (``gossip.between_workers``): the supervisor binds one
+loopback socket per worker before starting any, so no port is configured or raced for, and hands
+each worker its socket and the list of all (:class:`Siblings`). A restarted worker gets the same
+socket, so its siblings need not learn anything.
 
 Trust. A datagram changes routing state, so each carries an HMAC-SHA256 tag (16 bytes) keyed with
 the secret in the environment variable ``gossip.secret_env``; the gateway will not start with peers
@@ -66,6 +70,7 @@ TAG_BYTES = 16
 PLACEMENT_OVERHEAD = 24
 DATAGRAM_OVERHEAD = 16
 MIN_SECRET_BYTES = 16
+LOOPBACK = "127.0.0.1"
 
 
 class Placement(msgspec.Struct, array_like=True, frozen=True):
@@ -177,16 +182,34 @@ class Outbox:
             self._timer = None
 
 
+class Siblings(msgspec.Struct, frozen=True):
+    """The loopback gossip sockets a supervisor bound for its workers: this worker's inherited file
+    descriptor, and the ports of all of them (its own included)."""
+
+    fd: int
+    ports: tuple[int, ...]
+
+    def argument(self) -> str:
+        """The worker's command-line form of this, read back by :meth:`parse`."""
+        return f"{self.fd}:{','.join(map(str, self.ports))}"
+
+    @classmethod
+    def parse(cls, argument: str) -> Siblings:
+        fd, _, ports = argument.partition(":")
+        return cls(int(fd), tuple(int(p) for p in ports.split(",")))
+
+
 class Gossip(asyncio.DatagramProtocol):
     """The UDP listener, the peer list and the outbox of one process (module docstring)."""
 
     def __init__(self, config: GossipConfig, pools: list[Pool], metrics: Metrics, secret: bytes,
-                 refresh_s: float, worker: int = 0, workers: int = 1):
+                 refresh_s: float, worker: int = 0, workers: int = 1, siblings: Siblings | None = None):
         self.config = config
         self.metrics = metrics
         self.refresh_s = refresh_s
         self.port = config.port + worker
         self.workers = workers
+        self.siblings = siblings
         self.sender = random.getrandbits(63)
         self.codec = Codec(secret, config.max_datagram_bytes)
         self.outbox = Outbox(config.interval_s, self._send)
@@ -204,10 +227,17 @@ class Gossip(asyncio.DatagramProtocol):
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._transport, _ = await loop.create_datagram_endpoint(
-            lambda: self, local_addr=(self.config.host, self.port), family=socket.AF_INET)
-        await self.refresh_peers()
-        self._task = loop.create_task(self._refresh_loop())
+        if self.siblings is not None:
+            sock = socket.socket(fileno=self.siblings.fd)
+            self.port = sock.getsockname()[1]
+            self._transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
+            self.peers = [(LOOPBACK, port) for port in self.siblings.ports]
+            self.metrics.gossip_peers.set(len(self.peers))
+        else:
+            self._transport, _ = await loop.create_datagram_endpoint(
+                lambda: self, local_addr=(self.config.host, self.port), family=socket.AF_INET)
+            await self.refresh_peers()
+            self._task = loop.create_task(self._refresh_loop())
         log.info("gossip listening", extra={"fields": {"port": self.port, "peers": len(self.peers)}})
 
     async def stop(self) -> None:
@@ -304,6 +334,18 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def bind_siblings(workers: int) -> list[socket.socket]:
+    """One loopback UDP socket per worker, bound by the supervisor before any worker starts and
+    kept open for restarted workers to inherit."""
+    socks = []
+    for _ in range(workers):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((LOOPBACK, 0))
+        sock.set_inheritable(True)
+        socks.append(sock)
+    return socks
 
 
 def secret_from_env(name: str, environ: dict[str, str] | None = None) -> bytes:

@@ -125,8 +125,9 @@ class Routing(_Section):
     # process's hit ratio and TTFT (replay benchmark, Mooncake: hit 0.355 -> 0.408, p99 -20 %), but
     # then a cold prefix passes its owner about as often as not, and processes that did not place it
     # look for it there (simulation, 4 processes sharing clients: hit 0.30 -> 0.24). Processes that
-    # gossip (`gossip.peers`) learn each other's placements and can use 1.0 (README, "Sharing
-    # placements between gateway processes").
+    # gossip learn each other's placements and can use 1.0: the workers of one gateway do by
+    # default, gateway pods with `gossip.peers` (README, "Sharing placements between gateway
+    # processes").
     ring_load_factor: float = 1.25
     index_capacity_blocks: int = 262144
     index_ttl_s: float = 600.0
@@ -172,8 +173,13 @@ class Gossip(_Section):
 
     # "host:port" of the gossip listeners of every gateway process of the region, this one's
     # included; a host name (the gateway's headless Service) stands for all its addresses and is
-    # resolved every `discovery.interval_s`. Empty: gossip off.
+    # resolved every `discovery.interval_s`. Empty: no gossip between gateway processes, but see
+    # `between_workers`.
     peers: list[str] = msgspec.field(default_factory=list)
+    # With --workers N and no `peers`, the workers gossip among themselves over loopback sockets
+    # the supervisor binds, signed with a secret it draws at start: nothing to configure, no port
+    # to reserve. With `peers`, workers share through those instead.
+    between_workers: bool = True
     host: str = "0.0.0.0"
     # UDP; with --workers N, worker i listens on port + i.
     port: int = 7946
@@ -259,7 +265,9 @@ class SettingsError(ValueError):
     """Raised with a message that names the offending key."""
 
 
-def load(path: str | None = None, environ: dict[str, str] | None = None) -> Settings:
+def load(path: str | None = None, environ: dict[str, str] | None = None, workers: int | None = None) -> Settings:
+    """The file, then the environment's EDGE_GATEWAY__* over it, then the command line's
+    ``--workers`` over both; validated as a whole."""
     raw: dict[str, Any] = {}
     if path:
         try:
@@ -268,6 +276,8 @@ def load(path: str | None = None, environ: dict[str, str] | None = None) -> Sett
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise SettingsError(f"cannot read config {path}: {e}") from None
     _apply_env(raw, os.environ if environ is None else environ)
+    if workers is not None:
+        raw["workers"] = workers
     try:
         settings = msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as e:

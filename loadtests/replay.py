@@ -3,7 +3,7 @@
     python loadtests/replay.py                 # full run: 8 replicas, both traces, 4 targets each
     python loadtests/replay.py --quick         # smoke run: 3 replicas, few requests, our gateway only
     python loadtests/replay.py --traces mooncake --targets gateway:prefix,sglang:cache_aware
-    python loadtests/replay.py --targets gateway:prefix --gateway-workers 2 --gossip
+    python loadtests/replay.py --targets gateway:prefix --gateway-workers 2 [--no-gossip]
 
 For each trace (Mooncake FAST'25 synthetic, hh-rlhf sessions; ``../shared/traces``):
 
@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     targets = (
         args.targets.split(",") if args.targets else (["gateway:prefix"] if args.quick else list(ALL_TARGETS))
     )
-    if args.gossip and args.gateway_workers < 2:
-        raise SystemExit("--gossip needs --gateway-workers 2 or more: one process has no one to tell")
+    if args.no_gossip and args.gateway_workers < 2:
+        raise SystemExit("--no-gossip needs --gateway-workers 2 or more: one process has no one to tell")
     for t in targets:
         if t not in ALL_TARGETS:
             raise SystemExit(f"unknown target {t!r}; expected some of {', '.join(ALL_TARGETS)}")
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             router_problem = f"sglang-router cannot run here: {e}"
             _log(router_problem)
     record["sglang_router"] = router_problem or stack.ROUTER_PACKAGE
-    processes = stack.GatewayProcesses(args.gateway_workers, args.gossip)
+    processes = stack.GatewayProcesses(args.gateway_workers, not args.no_gossip)
     record["gateway_processes"] = asdict(processes)
     for name in args.traces.split(","):
         scenario = _override(scenarios[name], args)
@@ -381,8 +381,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-tokens", type=int)
     p.add_argument("--gateway-workers", type=int, default=1,
                    help="our gateway's worker processes; the replay's pooled connections spread over them")
-    p.add_argument("--gossip", action="store_true",
-                   help="with --gateway-workers, the workers share placements (gateway/gossip.py)")
+    p.add_argument("--no-gossip", action="store_true",
+                   help="with --gateway-workers, the workers do not share placements (gateway/gossip.py), "
+                        "which by default they do")
     p.add_argument(
         "--json", help="where to write the JSON record (default loadtests/results/replay-<time>.json)"
     )

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -158,7 +157,7 @@ class GatewayProcesses:
     """How many gateway processes serve a replay, and whether they share placements by gossip."""
 
     workers: int = 1
-    gossip: bool = False
+    gossip: bool = True  # as the gateway does by default
 
     def describe(self) -> str:
         if self.workers == 1:
@@ -173,12 +172,8 @@ def gateway(replicas: Replicas, policy: str, model: str, workdir: Path, pool_ext
     port, admin = free_ports(1), free_ports(1)
     config = workdir / f"gateway-{port}.toml"
     endpoints = ", ".join(f'"{u}"' for u in replicas.urls)
-    env = None
-    gossip = ""
-    if processes.gossip:
-        first = free_ports(processes.workers)  # worker i listens on first + i
-        gossip = f'[gossip]\nhost = "127.0.0.1"\nport = {first}\npeers = ["127.0.0.1:{first}"]\n'
-        env = {**os.environ, "EDGE_GATEWAY_GOSSIP_SECRET": secrets.token_hex(16)}
+    # Workers share placements by default; the comparison without it turns that off.
+    gossip = "" if processes.gossip else "[gossip]\nbetween_workers = false\n"
     # Access log off and warnings only: sglang-router runs with --log-level warn as well, so
     # neither spends the shared CPU on per-request log lines.
     config.write_text(
@@ -197,7 +192,6 @@ def gateway(replicas: Replicas, policy: str, model: str, workdir: Path, pool_ext
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=env,
         )
     try:
         admin_url = f"http://127.0.0.1:{admin}"

