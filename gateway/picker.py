@@ -49,9 +49,11 @@ message besides system ones) is a new session in every process, so it is placed 
 with no slack. (In the replay simulation of hh-rlhf on 8 endpoints, one process: max/mean in flight
 1.57 -> 1.38 at the same hit ratio; with 2 processes sharing clients, 1.57 -> 1.46 for hit ratio
 0.359 -> 0.351, the opening turns placed past a busy owner that the other process looks for there.)
-Without a session key the request goes to the least-loaded endpoint (branch ``no_session_key``).
+Without a session key the request is placed as ``power_of_two`` places it, for the same reason as
+the batch pools (branch ``no_session_key``).
 
-``prefix`` (the interactive default): a request with a session key is routed as above. Otherwise:
+``prefix`` (the interactive default): a request with a session key is routed as above, one with
+neither a session key nor a prompt as one without a session key (branch ``no_prefix_key``). Otherwise:
 
 1. Look the prompt's block keys up in the ``PrefixIndex``: the endpoints holding its longest known
    prefix. Pick the least loaded of them; keep it if it is within its load bound (``prefix_hit``).
@@ -229,9 +231,6 @@ BRANCHES = ("no_endpoint", "round_robin", "random", "least_load", "power_of_two"
             "holder_unavailable", "kv_saturated", "no_prefix_key")
 
 
-# Ring candidates a cold prefix or a new session chooses from (module docstring: why choices).
-RING_CHOICES = 3
-
 
 def _pressure(endpoint: Candidate) -> float:
     return (endpoint.load + 1.0) / endpoint.weight
@@ -335,14 +334,16 @@ class PowerOfTwo(_NoAffinity):
         self._rng = random.Random(seed)
 
     def pick(self, endpoints: Sequence[Candidate], keys: RouteKeys, now: float) -> Decision:
-        available = _routable(endpoints)
+        return self.choose(_routable(endpoints), "power_of_two")
+
+    def choose(self, available: list[Candidate], branch: str) -> Decision:
         n = len(available)
         if not n:
             return Decision([], "no_endpoint", 0)
         drawn = self._rng.sample(available, min(max(2, self.max_candidates), n))
         if n > 1 and _pressure(drawn[1]) < _pressure(drawn[0]):
             drawn[0], drawn[1] = drawn[1], drawn[0]
-        return Decision(drawn[:self.max_candidates], "power_of_two", 0)
+        return Decision(drawn[:self.max_candidates], branch, 0)
 
 
 class _LoadView:
@@ -437,12 +438,12 @@ class _RingCache:
 class SessionAffinity:
     """Sticky sessions placed on the bounded-load ring (module docstring, ``session``)."""
 
-    __slots__ = ("_least_load", "_placed", "_rings", "c", "capacity", "choices", "max_candidates", "ring_c",
+    __slots__ = ("_keyless", "_placed", "_rings", "c", "capacity", "choices", "max_candidates", "ring_c",
                  "slack", "ttl_s")
     name = "session"
 
     def __init__(self, *, c: float, ring_c: float, slack: float, vnodes: int, ring_choices: int, capacity: int,
-                 ttl_s: float, max_candidates: int, rings: _RingCache | None = None):
+                 ttl_s: float, max_candidates: int, seed: int | None, rings: _RingCache | None = None):
         self.c = c
         self.ring_c = ring_c
         self.slack = slack
@@ -453,7 +454,7 @@ class SessionAffinity:
         self._rings = rings if rings is not None else _RingCache(vnodes)
         # Session key -> (endpoint id, last time a request went there); LRU order.
         self._placed: OrderedDict[int, tuple[str, float]] = OrderedDict()
-        self._least_load = LeastLoad(max_candidates)
+        self._keyless = PowerOfTwo(max_candidates, seed)
 
     def __len__(self) -> int:
         """Sessions remembered."""
@@ -461,7 +462,7 @@ class SessionAffinity:
 
     def pick(self, endpoints: Sequence[Candidate], keys: RouteKeys, now: float) -> Decision:
         if keys.session is None:
-            return self._least_load.choose(_routable(endpoints), "no_session_key")
+            return self._keyless.choose(_routable(endpoints), "no_session_key")
         view = _LoadView(endpoints)
         if not view.by_id:
             return Decision([], "no_endpoint", 0)
@@ -522,13 +523,13 @@ class PrefixAffinity:
     """Longest-prefix routing with load bounds, ring placement for cold prefixes, sessions first
     (module docstring, ``prefix``)."""
 
-    __slots__ = ("_least_load", "_rings", "c", "choices", "index", "max_candidates", "ring_c", "ring_key_blocks",
+    __slots__ = ("_keyless", "_rings", "c", "choices", "index", "max_candidates", "ring_c", "ring_key_blocks",
                  "sessions")
     name = "prefix"
 
     def __init__(self, *, c: float, ring_c: float, session_slack: float, vnodes: int, ring_choices: int,
                  ring_key_blocks: int, index_capacity_blocks: int, index_ttl_s: float, session_capacity: int,
-                 session_ttl_s: float, max_candidates: int):
+                 session_ttl_s: float, max_candidates: int, seed: int | None):
         self.c = c
         self.ring_c = ring_c
         self.choices = ring_choices
@@ -538,13 +539,14 @@ class PrefixAffinity:
         self._rings = _RingCache(vnodes)
         self.sessions = SessionAffinity(c=c, ring_c=ring_c, slack=session_slack, vnodes=vnodes,
                                         ring_choices=ring_choices, capacity=session_capacity,
-                                        ttl_s=session_ttl_s, max_candidates=max_candidates, rings=self._rings)
-        self._least_load = LeastLoad(max_candidates)
+                                        ttl_s=session_ttl_s, max_candidates=max_candidates, seed=seed,
+                                        rings=self._rings)
+        self._keyless = PowerOfTwo(max_candidates, seed)
 
     def pick(self, endpoints: Sequence[Candidate], keys: RouteKeys, now: float) -> Decision:
         prefix = keys.prefix
         if keys.session is None and not prefix:
-            return self._least_load.choose(_routable(endpoints), "no_prefix_key")
+            return self._keyless.choose(_routable(endpoints), "no_prefix_key")
         view = _LoadView(endpoints)
         if not view.by_id:
             return Decision([], "no_endpoint", 0)
@@ -589,13 +591,12 @@ POLICIES = ("prefix", "session", "round_robin", "random", "least_load", "power_o
 
 def make_policy(name: str, *, c: float, session_slack: float, vnodes: int, ring_key_blocks: int,
                 index_capacity_blocks: int, index_ttl_s: float, session_capacity: int, session_ttl_s: float,
-                max_candidates: int, ring_choices: int = RING_CHOICES, ring_c: float | None = None,
-                seed: int | None = None) -> Policy:
+                max_candidates: int, ring_choices: int, ring_c: float, seed: int | None = None) -> Policy:
     """Build the policy called ``name`` (one of ``POLICIES``) for one pool.
 
     ``c``: load factor of the bounds a prefix holder or a session's endpoint keeps a request within
     (>= 1); ``ring_c``: load factor of the bound a cold prefix or a new session is placed within
-    (>= 1; None: ``c``); ``session_slack``: requests a session's endpoint may
+    (>= 1); ``session_slack``: requests a session's endpoint may
     hold beyond its bound before the session moves (>= 0); ``vnodes``: ring points per endpoint;
     ``ring_choices``: ring candidates a cold prefix or a new session is placed on, the least loaded
     wins (1: the bounded owner alone, the choice for processes that share clients, module
@@ -603,9 +604,8 @@ def make_policy(name: str, *, c: float, session_slack: float, vnodes: int, ring_
     ``index_capacity_blocks`` / ``index_ttl_s``: prefix index size and entry lifetime;
     ``session_capacity`` / ``session_ttl_s``: session map size and idle lifetime;
     ``max_candidates``: length of a decision's endpoint list (choice + fallbacks); ``seed``: for
-    ``random`` and ``power_of_two`` (None: from the OS).
+    ``random``, ``power_of_two`` and the affinity policies' requests without keys (None: from the OS).
     """
-    ring_c = c if ring_c is None else ring_c
     if c < 1.0 or ring_c < 1.0:
         raise ValueError(f"c and ring_c must be >= 1, got {c}, {ring_c}")
     if session_slack < 0:
@@ -623,11 +623,11 @@ def make_policy(name: str, *, c: float, session_slack: float, vnodes: int, ring_
                               ring_choices=ring_choices, ring_key_blocks=ring_key_blocks,
                               index_capacity_blocks=index_capacity_blocks,
                               index_ttl_s=index_ttl_s, session_capacity=session_capacity,
-                              session_ttl_s=session_ttl_s, max_candidates=max_candidates)
+                              session_ttl_s=session_ttl_s, max_candidates=max_candidates, seed=seed)
     if name == "session":
         return SessionAffinity(c=c, ring_c=ring_c, slack=session_slack, vnodes=vnodes, ring_choices=ring_choices,
                                capacity=session_capacity,
-                               ttl_s=session_ttl_s, max_candidates=max_candidates)
+                               ttl_s=session_ttl_s, max_candidates=max_candidates, seed=seed)
     if name == "round_robin":
         return RoundRobin(max_candidates)
     if name == "random":
