@@ -74,7 +74,8 @@ def admin_app(*, pools: list[Pool], router: Router, lifecycle: Lifecycle, ledger
         return web.Response(body=orjson.dumps([
             {"pool": p.name, "engine": p.engine, "role": p.role, "endpoint": e.id, "healthy": e.healthy,
              "available": e.available, "ejected_for_s": round(max(0.0, e.ejected_until - now), 3),
-             "panic": p.panic, "in_flight": e.in_flight, "load": e.load, "weight": round(e.weight, 3),
+             "panic": p.panic, "in_flight": e.in_flight, "peer_in_flight": e.peer_in_flight, "load": e.load,
+             "weight": round(e.weight, 3),
              "kv_usage": e.engine_kv_usage, "saturated": e.saturated, "signal_stale": e.signal_stale}
             for p in pools for e in p.endpoints]), content_type="application/json")
 

@@ -54,6 +54,7 @@ import random
 import socket
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import msgspec
 
@@ -68,8 +69,13 @@ log = logging.getLogger("gateway.gossip")
 TAG_BYTES = 16
 # msgpack bytes of a placement beyond its strings and block keys, and of a datagram's envelope.
 PLACEMENT_OVERHEAD = 24
+LOAD_OVERHEAD = 16
 DATAGRAM_OVERHEAD = 16
 MIN_SECRET_BYTES = 16
+# A process reports its loads when they change, and at least this often; a peer's report older than
+# LOAD_EXPIRY_S is forgotten (the process died or left).
+LOAD_REFRESH_S = 1.0
+LOAD_EXPIRY_S = 3 * LOAD_REFRESH_S
 LOOPBACK = "127.0.0.1"
 
 
@@ -84,9 +90,19 @@ class Placement(msgspec.Struct, array_like=True, frozen=True):
     opening: bool = False
 
 
+class Load(msgspec.Struct, array_like=True, frozen=True):
+    """The sender's requests in flight at ``endpoint`` of pool ``pool`` when it sent this."""
+
+    pool: str
+    endpoint: str
+    in_flight: int
+
+
 class Datagram(msgspec.Struct, array_like=True):
     sender: int
     placements: list[Placement]
+    # Last, with a default: an older peer's datagram decodes with none, and an older peer ignores them.
+    loads: list[Load] = []
 
 
 class Codec:
@@ -103,21 +119,21 @@ class Codec:
         too long for one datagram on its own keeps the first blocks that fit: a shorter prefix of a
         prompt is still true of the endpoint."""
         room = self.max_datagram_bytes - TAG_BYTES - DATAGRAM_OVERHEAD
-        batch: list[Placement] = []
-        size = 0
+        sized = []
         for p in placements:
             fixed = PLACEMENT_OVERHEAD + len(p.pool) + len(p.endpoint)
-            cost = fixed + 9 * len(p.prefix)
-            if cost > room:
+            if fixed + 9 * len(p.prefix) > room:
                 p = msgspec.structs.replace(p, prefix=p.prefix[:max(0, (room - fixed) // 9)])
-                cost = fixed + 9 * len(p.prefix)
-            if size + cost > room and batch:
-                yield self._seal(sender, batch)
-                batch, size = [], 0
-            batch.append(p)
-            size += cost
-        if batch:
-            yield self._seal(sender, batch)
+            sized.append((p, fixed + 9 * len(p.prefix)))
+        for batch in _batches(sized, room):
+            yield self._seal(Datagram(sender, batch))
+
+    def encode_loads(self, sender: int, loads: Iterable[Load]) -> Iterator[bytes]:
+        """Datagrams of at most ``max_datagram_bytes`` holding ``loads`` in order."""
+        room = self.max_datagram_bytes - TAG_BYTES - DATAGRAM_OVERHEAD
+        sized = [(load, LOAD_OVERHEAD + len(load.pool) + len(load.endpoint)) for load in loads]
+        for batch in _batches(sized, room):
+            yield self._seal(Datagram(sender, [], batch))
 
     def decode(self, data: bytes) -> Datagram:
         """The datagram, or ``ValueError`` naming why it is refused (``signature``, ``malformed``)."""
@@ -129,12 +145,26 @@ class Codec:
         except msgspec.DecodeError:
             raise ValueError("malformed") from None
 
-    def _seal(self, sender: int, batch: list[Placement]) -> bytes:
-        body = self._encode(Datagram(sender, batch))
+    def _seal(self, datagram: Datagram) -> bytes:
+        body = self._encode(datagram)
         return self._tag(body) + body
 
     def _tag(self, body: bytes) -> bytes:
         return hmac.new(self.secret, body, hashlib.sha256).digest()[:TAG_BYTES]
+
+
+def _batches(sized: list[tuple[Any, int]], room: int) -> Iterator[list[Any]]:
+    """The items of ``(item, bytes)`` pairs in order, in lists of at most ``room`` bytes each."""
+    batch: list[Any] = []
+    size = 0
+    for item, cost in sized:
+        if size + cost > room and batch:
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += cost
+    if batch:
+        yield batch
 
 
 class SharedPolicy:
@@ -216,13 +246,18 @@ class Gossip(asyncio.DatagramProtocol):
         self.peers: list[tuple[str, int]] = []
         self._policies: dict[str, Policy] = {}
         self._endpoints: dict[str, Pool] = {}
+        self._pools = {pool.name: pool for pool in pools}
+        self._reported: list[Load] = []  # the last load report sent ...
+        self._reported_at = -LOAD_REFRESH_S  # ... and when
+        # (pool, endpoint id) -> sender -> (its requests in flight there, when its report arrived)
+        self._peer_loads: dict[tuple[str, str], dict[int, tuple[int, float]]] = {}
         for pool in pools:
             if pool.policy.name in ("prefix", "session"):  # the others learn nothing from placements
                 self._policies[pool.name] = pool.policy
                 self._endpoints[pool.name] = pool
                 pool.policy = SharedPolicy(pool.policy, pool.name, self.outbox)
         self._transport: asyncio.DatagramTransport | None = None
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._lookup_failing = False
 
     async def start(self) -> None:
@@ -237,32 +272,59 @@ class Gossip(asyncio.DatagramProtocol):
             self._transport, _ = await loop.create_datagram_endpoint(
                 lambda: self, local_addr=(self.config.host, self.port), family=socket.AF_INET)
             await self.refresh_peers()
-            self._task = loop.create_task(self._refresh_loop())
+            self._tasks.append(loop.create_task(self._refresh_loop()))
+        self._tasks.append(loop.create_task(self._load_loop()))
         log.info("gossip listening", extra={"fields": {"port": self.port, "peers": len(self.peers)}})
 
     async def stop(self) -> None:
-        """Send what is pending (a draining process's last placements still help its peers), then close."""
-        if self._task is not None:
-            self._task.cancel()
+        """Send what is pending (a draining process's last placements and loads still help its
+        peers), then close."""
+        for task in self._tasks:
+            task.cancel()
         self.outbox.cancel()
         self.outbox.flush()
+        self.report_loads(time.monotonic())
         if self._transport is not None:
             self._transport.close()
 
     # Sending
 
     def _send(self, batch: list[Placement]) -> None:
+        if self._broadcast(self.codec.encode(self.sender, batch)):
+            self.metrics.child(self.metrics.gossip_placements, "sent").inc(len(batch))
+
+    def report_loads(self, now: float) -> None:
+        """Send this process's requests in flight per endpoint, if they changed since the last
+        report or that is ``LOAD_REFRESH_S`` old (a peer forgets reports older than
+        ``LOAD_EXPIRY_S``: those of a process that died)."""
+        loads = [Load(name, ep.id, ep.in_flight) for name, pool in self._pools.items() for ep in pool.endpoints]
+        if loads == self._reported and now - self._reported_at < LOAD_REFRESH_S:
+            return
+        if self._broadcast(self.codec.encode_loads(self.sender, loads)):
+            self._reported, self._reported_at = loads, now
+            self.metrics.child(self.metrics.gossip_load_reports, "sent").inc()
+
+    def _broadcast(self, datagrams: Iterable[bytes]) -> bool:
         transport = self._transport
         if transport is None or transport.is_closing():
-            return
-        m = self.metrics
-        for datagram in self.codec.encode(self.sender, batch):
+            return False
+        for datagram in datagrams:
             for peer in self.peers:
                 try:
                     transport.sendto(datagram, peer)
                 except OSError:
-                    m.child(m.gossip_dropped, "send_error").inc()
-        m.child(m.gossip_placements, "sent").inc(len(batch))
+                    self.metrics.child(self.metrics.gossip_dropped, "send_error").inc()
+        return True
+
+    async def _load_loop(self) -> None:
+        expired_at = time.monotonic()
+        while True:
+            await asyncio.sleep(self.config.interval_s)
+            now = time.monotonic()
+            self.report_loads(now)
+            if now - expired_at >= LOAD_REFRESH_S:
+                expired_at = now
+                self._sum_peer_loads(list(self._peer_loads), now)
 
     # Receiving
 
@@ -276,6 +338,8 @@ class Gossip(asyncio.DatagramProtocol):
         if datagram.sender == self.sender:
             return
         now = time.monotonic()
+        if datagram.loads:
+            self._apply_loads(datagram.sender, datagram.loads, now)
         applied = ignored = 0
         for p in datagram.placements:
             policy = self._policies.get(p.pool)
@@ -288,6 +352,33 @@ class Gossip(asyncio.DatagramProtocol):
             m.child(m.gossip_placements, "received").inc(applied)
         if ignored:
             m.child(m.gossip_placements, "ignored").inc(ignored)
+
+    def _apply_loads(self, sender: int, loads: list[Load], now: float) -> None:
+        for load in loads:
+            self._peer_loads.setdefault((load.pool, load.endpoint), {})[sender] = (load.in_flight, now)
+        self._sum_peer_loads([(load.pool, load.endpoint) for load in loads], now)
+        self.metrics.child(self.metrics.gossip_load_reports, "received").inc()
+
+    def _sum_peer_loads(self, keys: list[tuple[str, str]], now: float) -> None:
+        """Set each endpoint's ``peer_in_flight`` to the sum of its fresh peer reports; forget the
+        expired ones."""
+        by_id: dict[str, dict] = {}
+        for key in keys:
+            reports = self._peer_loads[key]
+            for sender in [s for s, (_, at) in reports.items() if now - at > LOAD_EXPIRY_S]:
+                del reports[sender]
+            if not reports:
+                del self._peer_loads[key]
+            pool_name, endpoint_id = key
+            pool = self._pools.get(pool_name)
+            if pool is None:
+                continue
+            endpoints = by_id.get(pool_name)
+            if endpoints is None:
+                endpoints = by_id[pool_name] = {ep.id: ep for ep in pool.endpoints}
+            ep = endpoints.get(endpoint_id)
+            if ep is not None:
+                ep.peer_in_flight = sum(n for n, _ in reports.values())
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from a peer that is not (yet) listening: expected while pods roll.
@@ -343,7 +434,6 @@ def bind_siblings(workers: int) -> list[socket.socket]:
     for _ in range(workers):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind((LOOPBACK, 0))
-        sock.set_inheritable(True)
         socks.append(sock)
     return socks
 

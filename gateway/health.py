@@ -151,7 +151,7 @@ class HealthChecker:
         if signals is None:
             return
         running, waiting, kv = signals
-        ep.engine_foreign = max(0.0, running + waiting - ep.in_flight)
+        ep.engine_foreign = max(0.0, running + waiting - ep.in_flight - ep.peer_in_flight)
         ep.engine_kv_usage = kv
         ep.engine_seen_at = time.monotonic()
         self.metrics.child(self.metrics.engine_kv_usage, ep.pool, ep.id).set(kv)

@@ -104,6 +104,10 @@ class Metrics:
             "Placements shared with peer gateway processes: sent, received (recorded) and ignored "
             "(a pool or endpoint this process does not have).",
             ["direction"], registry=r)
+        self.gossip_load_reports = Counter(
+            "gateway_gossip_load_reports_total",
+            "Reports of requests in flight per endpoint, sent to and received from peer gateway processes.",
+            ["direction"], registry=r)
         self.gossip_dropped = Counter(
             "gateway_gossip_datagrams_dropped_total",
             "Gossip datagrams refused (signature, malformed) or not delivered (send_error).",

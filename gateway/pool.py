@@ -16,7 +16,8 @@ from gateway import settings as cfg
 
 class Endpoint:
     __slots__ = ("id", "pool", "host", "port", "in_flight", "healthy", "ejected_until", "panic", "available",
-                 "weight", "engine_foreign", "engine_kv_usage", "engine_seen_at", "saturated", "signal_stale")
+                 "weight", "peer_in_flight", "engine_foreign", "engine_kv_usage", "engine_seen_at", "saturated",
+                 "signal_stale")
 
     def __init__(self, url: str, pool: str):
         parts = urlsplit(url)
@@ -32,7 +33,10 @@ class Endpoint:
         # reads it for every endpoint on every request.
         self.available = False
         self.weight = 1.0  # slow start: below 1 while a returning replica ramps up
-        self.engine_foreign = 0.0  # running + queued at the engine that are not this process's
+        self.peer_in_flight = 0  # what gateway processes that gossip (gateway/gossip.py) last reported
+        # Running + queued at the engine that are neither this process's nor its peers' (as of the
+        # last scrape): other processes' that do not gossip, or requests the engine still holds.
+        self.engine_foreign = 0.0
         self.engine_kv_usage = 0.0
         self.engine_seen_at = 0.0
         # The engine's last fresh scrape put its KV usage at or above `health.kv_saturation`.
@@ -46,8 +50,9 @@ class Endpoint:
 
     @property
     def load(self) -> float:
-        """Requests this process has in flight there, plus those the engine last reported from others."""
-        return self.in_flight + self.engine_foreign
+        """Requests this process has in flight there, plus its gossip peers', plus the rest of what
+        the engine last reported."""
+        return self.in_flight + self.peer_in_flight + self.engine_foreign
 
     def __repr__(self) -> str:
         return f"Endpoint({self.id}, pool={self.pool}, in_flight={self.in_flight}, healthy={self.healthy})"

@@ -29,12 +29,18 @@ SYSTEM = "You answer questions about the archive of the harbour office, citing t
 
 @pytest.fixture
 def pair(simulator, gateway, monkeypatch):
-    """(simulator, first gateway, second gateway): two replicas, gossip between the gateways."""
+    """(simulator, first gateway, second gateway, their gossip ports): two replicas, gossip between
+    the gateways."""
+    return gossiping_pair(simulator, gateway, monkeypatch)
+
+
+def gossiping_pair(simulator, gateway, monkeypatch, health: str = "", faults: list[str] = ()):
+    """``health``: more [health] settings; ``faults``: simulator fault flags."""
     monkeypatch.setenv("EDGE_GATEWAY_GOSSIP_SECRET", SECRET)  # inherited by the gateway processes
-    sim = simulator("sglang", replicas=2)
+    sim = simulator("sglang", replicas=2, extra=list(faults))
     ports = [free_ports(), free_ports()]
     peers = ", ".join(f'"127.0.0.1:{p}"' for p in ports)
-    gateways = [gateway(FAST_HEALTH + "[routing]\nendpoint_header = true\n"
+    gateways = [gateway(FAST_HEALTH + health + "[routing]\nendpoint_header = true\n"
                         f'[gossip]\nhost = "127.0.0.1"\nport = {port}\npeers = [{peers}]\ninterval_s = 0.01\n'
                         + pool_toml("s", "sglang", "interactive", sim.urls)) for port in ports]
     return sim, gateways[0], gateways[1], ports
@@ -105,6 +111,72 @@ def test_a_prompt_placed_by_one_gateway_is_a_prefix_hit_on_its_peer(pair):
     usage = raw.parse().usage
     assert usage.prompt_tokens_details.cached_tokens >= len(SYSTEM) // 8  # the engine did have it cached
     assert 'branch="prefix_hit"' in second.metrics()
+
+
+def test_a_cold_prompt_is_placed_past_a_replica_that_a_peer_keeps_busy(simulator, gateway, monkeypatch):
+    # The engines are scraped once a minute: only gossip can tell the second gateway what the first
+    # has in flight. Streams hang at the engine after their first two events, so they stay open.
+    sim, first, second, _ = gossiping_pair(simulator, gateway, monkeypatch, health="scrape_interval_s = 60\n",
+                                           faults=["--hang-after-chunks", "2"])
+    routing = Routing()
+    prompt = SYSTEM + "Q: which berth did the first ship take?"
+    keys = affinity.prefix_hashes(MODEL, prompt, routing.block_chars, routing.max_prefix_chars)
+    owner = ring_owner(sim, keys[routing.ring_key_blocks - 1])
+    (elsewhere,) = {f"127.0.0.1:{p}" for p in sim.ports} - {owner}
+    eject(first, elsewhere)  # the first gateway sends everything to the owner
+    streams = [client(first).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": f"Tell story {i}"}], max_tokens=50, stream=True)
+        for i in range(4)]
+    try:
+        for stream in streams:
+            next(iter(stream))  # open at the owner
+        deadline = time.monotonic() + 10
+        while endpoint_state(second, owner)["peer_in_flight"] != 4:
+            assert time.monotonic() < deadline, "the first gateway's load never reached the second"
+            time.sleep(0.02)
+        assert endpoint_state(second, owner)["in_flight"] == 0
+
+        raw = client(second).completions.with_raw_response.create(model=MODEL, prompt=prompt, max_tokens=4)
+        assert raw.headers["x-gateway-endpoint"] == elsewhere  # the owner, with 4 of 4 requests, is over bound
+    finally:
+        for stream in streams:
+            stream.close()
+    deadline = time.monotonic() + 10
+    while endpoint_state(second, owner)["peer_in_flight"] != 0:  # the first gateway's streams ended
+        assert time.monotonic() < deadline, "the second gateway kept the first's finished requests"
+        time.sleep(0.02)
+
+
+def test_the_load_a_peer_reported_is_forgotten_once_the_peer_has_died(simulator, gateway, monkeypatch):
+    sim, first, second, _ = gossiping_pair(simulator, gateway, monkeypatch, health="scrape_interval_s = 60\n",
+                                           faults=["--hang-after-chunks", "2"])
+    endpoint = f"127.0.0.1:{sim.ports[0]}"
+    eject(first, f"127.0.0.1:{sim.ports[1]}")
+    streams = [client(first).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": f"Tell story {i}"}], max_tokens=50, stream=True)
+        for i in range(3)]
+    try:
+        for stream in streams:
+            next(iter(stream))
+        deadline = time.monotonic() + 10
+        while endpoint_state(second, endpoint)["peer_in_flight"] != 3:
+            assert time.monotonic() < deadline, "the first gateway's load never reached the second"
+            time.sleep(0.02)
+        first.proc.kill()  # no last report: it is forgotten when it expires
+        first.proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while endpoint_state(second, endpoint)["peer_in_flight"] != 0:
+            assert time.monotonic() < deadline, "the dead gateway's load was never forgotten"
+            time.sleep(0.1)
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+def endpoint_state(gw, endpoint: str) -> dict:
+    with urllib.request.urlopen(f"{gw.admin_url}/admin/endpoints", timeout=5) as resp:
+        (state,) = [e for e in json.loads(resp.read()) if e["endpoint"] == endpoint]
+    return state
 
 
 def test_a_datagram_not_signed_with_the_shared_secret_changes_no_placement(pair):

@@ -1,12 +1,14 @@
-"""Placement gossip's datagrams: what goes in comes out, within the size limit, and only under the secret."""
+"""Gossip's datagrams: what goes in comes out, within the size limit, only under the secret, and
+across versions."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.gossip import TAG_BYTES, Codec, Placement, secret_from_env
+from gateway.gossip import TAG_BYTES, Codec, Load, Placement, secret_from_env
 
 SECRET = b"0123456789abcdef-secret"
 U64 = st.integers(min_value=0, max_value=2**64 - 1)
@@ -34,6 +36,41 @@ def test_every_placement_arrives_in_order_in_datagrams_within_the_size_limit(bat
         assert got.prefix == sent.prefix[:len(got.prefix)]
         if len(sent.prefix) * 9 + 200 < limit - 64:
             assert got.prefix == sent.prefix
+
+
+loads = st.builds(
+    Load,
+    pool=st.sampled_from(["sglang-llama8b", "p"]),
+    endpoint=st.sampled_from(["sglang-llama8b-0.sglang-llama8b.inference.svc.cluster.local:30000", "127.0.0.1:1"]),
+    in_flight=st.integers(min_value=0, max_value=2**31),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(report=st.lists(loads, max_size=400), limit=st.integers(min_value=512, max_value=9000))
+def test_every_load_arrives_in_order_in_datagrams_within_the_size_limit(report, limit):
+    codec = Codec(SECRET, limit)
+    datagrams = list(codec.encode_loads(7, report))
+    assert all(len(d) <= limit for d in datagrams)
+    assert [load for d in datagrams for load in codec.decode(d).loads] == report
+
+
+class DatagramBeforeLoads(msgspec.Struct, array_like=True):
+    """A datagram as gateways sent it before loads were gossiped."""
+
+    sender: int
+    placements: list[Placement]
+
+
+def test_gateways_with_and_without_load_reports_read_each_others_placements():
+    codec = Codec(SECRET, 8192)
+    placement = Placement("p", "127.0.0.1:1", [1, 2, 3], 42)
+    old = msgspec.msgpack.encode(DatagramBeforeLoads(7, [placement]))
+    assert codec.decode(codec._tag(old) + old).placements == [placement]
+    (new,) = codec.encode(7, [placement])
+    assert msgspec.msgpack.decode(new[TAG_BYTES:], type=DatagramBeforeLoads).placements == [placement]
+    (report,) = codec.encode_loads(7, [Load("p", "127.0.0.1:1", 3)])
+    assert msgspec.msgpack.decode(report[TAG_BYTES:], type=DatagramBeforeLoads).placements == []
 
 
 def test_a_datagram_tampered_with_or_signed_with_another_secret_is_refused():
