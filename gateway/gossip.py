@@ -1,4 +1,5 @@
-"""Placement gossip: every gateway process tells its peers where it sent each prefix and session.
+"""Placement gossip: every gateway process tells its peers where it sent each prefix and session,
+and how many requests it has in flight where.
 
 Why. Each process learns where prefixes and sessions live only from the requests it sent itself
 (``picker``: ``observe``). Clients do not stay on one process: the official SDKs close an idle
@@ -17,6 +18,17 @@ placement (pool, endpoint id, the prompt's block keys, the session key) joins an
 in its own policy as if it had sent the request itself, at the time it receives it. Nothing waits
 for gossip: a request routes on what the process knows at that moment, and gossip only makes that
 more. Lost, late or duplicated datagrams cost at most a hit, never a request.
+
+Loads. A process sees its own requests in flight at each endpoint, and the rest of the engine's
+running and queued requests only as of its last scrape (``health.scrape_interval_s``, a second).
+Between scrapes every process places new work as if the others had sent nothing since, so several
+processes overshoot the same replicas that one process would not (``routing.ring_load_factor``
+places at the mean of what it sees). So every ``gossip.interval_s`` a process also sends its
+requests in flight per endpoint, when they changed since its last report and at least every
+``LOAD_REFRESH_S``. A peer keeps each sender's latest report, sums them into the endpoint's
+``peer_in_flight``, and counts the engine's scraped load beyond its own and its peers' as
+``engine_foreign`` (``pool.Endpoint.load``: the three added). It forgets a report older than
+``LOAD_EXPIRY_S``, from a process that died or left.
 
 Peers. ``gossip.peers`` lists ``host:port`` entries; a host name (in Kubernetes, the gateway's
 headless Service) is resolved through the system resolver every ``discovery.interval_s`` and stands
@@ -39,7 +51,15 @@ one ``sendto`` per peer for every ``gossip.max_datagram_bytes`` of placements (a
 received: about 0.8 µs to verify and decode, plus what ``observe`` costs for a request sent here
 (``PrefixIndex.record``, about 0.15 µs per block), so each process indexes the whole region's
 traffic, not its share of it. (``timeit``, placements of 4 blocks, 64 to a datagram; a request
-costs the gateway about 200 µs, README "Performance".)
+costs the gateway about 200 µs, README "Performance".) Loads, with a pool of 8 endpoints: a tick
+with nothing new to report costs 1.6 µs; one that reports costs 8 µs plus a ``sendto`` per peer
+(172 bytes), and receiving a report costs 8 µs. At most one report per ``gossip.interval_s`` per
+peer: under 0.05 % of a core per peer at the default 20 ms.
+
+Loads, measured (routing benchmark, 8 replicas, ``ring_load_factor = 1.0``, hh-rlhf and Mooncake,
+two sittings ten minutes apart): two workers that shared placements only spread their load 1.39
+and 1.38 (max/mean busy), where one process spread it 1.24 and 1.27; sharing loads as well, 1.26
+and 1.27, where one process spread it 1.22 and 1.23. Hit ratios did not move beyond run-to-run noise.
 """
 
 from __future__ import annotations
@@ -60,7 +80,7 @@ import msgspec
 
 from gateway.metrics import Metrics
 from gateway.picker import Policy, RouteKeys
-from gateway.pool import Pool
+from gateway.pool import Endpoint, Pool
 from gateway.settings import Gossip as GossipConfig
 from gateway.settings import peer_address
 
@@ -324,7 +344,7 @@ class Gossip(asyncio.DatagramProtocol):
             self.report_loads(now)
             if now - expired_at >= LOAD_REFRESH_S:
                 expired_at = now
-                self._sum_peer_loads(list(self._peer_loads), now)
+                self._expire_loads(now)
 
     # Receiving
 
@@ -354,31 +374,35 @@ class Gossip(asyncio.DatagramProtocol):
             m.child(m.gossip_placements, "ignored").inc(ignored)
 
     def _apply_loads(self, sender: int, loads: list[Load], now: float) -> None:
+        by_id: dict[str, dict[str, Endpoint]] = {}
         for load in loads:
-            self._peer_loads.setdefault((load.pool, load.endpoint), {})[sender] = (load.in_flight, now)
-        self._sum_peer_loads([(load.pool, load.endpoint) for load in loads], now)
+            reports = self._peer_loads.setdefault((load.pool, load.endpoint), {})
+            reports[sender] = (load.in_flight, now)
+            ep = self._endpoint(load.pool, load.endpoint, by_id)
+            if ep is not None:
+                ep.peer_in_flight = sum([n for n, _ in reports.values()])
         self.metrics.child(self.metrics.gossip_load_reports, "received").inc()
 
-    def _sum_peer_loads(self, keys: list[tuple[str, str]], now: float) -> None:
-        """Set each endpoint's ``peer_in_flight`` to the sum of its fresh peer reports; forget the
-        expired ones."""
-        by_id: dict[str, dict] = {}
-        for key in keys:
-            reports = self._peer_loads[key]
+    def _expire_loads(self, now: float) -> None:
+        """Forget the reports older than ``LOAD_EXPIRY_S`` and sum the rest anew (which also
+        counts them at endpoints that discovery has replaced since)."""
+        by_id: dict[str, dict[str, Endpoint]] = {}
+        for (pool, endpoint_id), reports in list(self._peer_loads.items()):
             for sender in [s for s, (_, at) in reports.items() if now - at > LOAD_EXPIRY_S]:
                 del reports[sender]
             if not reports:
-                del self._peer_loads[key]
-            pool_name, endpoint_id = key
-            pool = self._pools.get(pool_name)
-            if pool is None:
-                continue
-            endpoints = by_id.get(pool_name)
-            if endpoints is None:
-                endpoints = by_id[pool_name] = {ep.id: ep for ep in pool.endpoints}
-            ep = endpoints.get(endpoint_id)
+                del self._peer_loads[pool, endpoint_id]
+            ep = self._endpoint(pool, endpoint_id, by_id)
             if ep is not None:
-                ep.peer_in_flight = sum(n for n, _ in reports.values())
+                ep.peer_in_flight = sum([n for n, _ in reports.values()])
+
+    def _endpoint(self, pool_name: str, endpoint_id: str, by_id: dict[str, dict[str, Endpoint]]) -> Endpoint | None:
+        """The endpoint of this process's pool, looked up through ``by_id``, a cache for one batch."""
+        endpoints = by_id.get(pool_name)
+        if endpoints is None:
+            pool = self._pools.get(pool_name)
+            endpoints = by_id[pool_name] = {ep.id: ep for ep in pool.endpoints} if pool is not None else {}
+        return endpoints.get(endpoint_id)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from a peer that is not (yet) listening: expected while pods roll.
