@@ -265,7 +265,6 @@ class Gossip(asyncio.DatagramProtocol):
         self.outbox = Outbox(config.interval_s, self._send)
         self.peers: list[tuple[str, int]] = []
         self._policies: dict[str, Policy] = {}
-        self._endpoints: dict[str, Pool] = {}
         self._pools = {pool.name: pool for pool in pools}
         self._reported: list[Load] = []  # the last load report sent ...
         self._reported_at = -LOAD_REFRESH_S  # ... and when
@@ -274,7 +273,6 @@ class Gossip(asyncio.DatagramProtocol):
         for pool in pools:
             if pool.policy.name in ("prefix", "session"):  # the others learn nothing from placements
                 self._policies[pool.name] = pool.policy
-                self._endpoints[pool.name] = pool
                 pool.policy = SharedPolicy(pool.policy, pool.name, self.outbox)
         self._transport: asyncio.DatagramTransport | None = None
         self._tasks: list[asyncio.Task] = []
@@ -363,7 +361,7 @@ class Gossip(asyncio.DatagramProtocol):
         applied = ignored = 0
         for p in datagram.placements:
             policy = self._policies.get(p.pool)
-            if policy is None or not any(e.id == p.endpoint for e in self._endpoints[p.pool].endpoints):
+            if policy is None or not any(e.id == p.endpoint for e in self._pools[p.pool].endpoints):
                 ignored += 1
                 continue
             policy.observe(p.endpoint, RouteKeys(p.prefix, p.session, p.opening), now)

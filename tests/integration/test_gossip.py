@@ -1,8 +1,9 @@
-"""Two gateway processes that share placements by gossip, in front of the same simulator replicas.
+"""Gateway processes that share placements and loads by gossip, in front of the same simulator replicas.
 
-Each test makes the first gateway place a session or a prompt where the second would not (the admin
-API ejects the ring owner in the first gateway only), then sends the next request to the second
-gateway, which can only find the right replica through gossip."""
+With two gateways, each test makes the first place a session or a prompt, or keep streams, where the
+second would not (the admin API ejects a replica in the first gateway only), then asks the second,
+which can only know through gossip. With one gateway of two workers, the tests check that every
+placement one worker makes reaches the other."""
 
 from __future__ import annotations
 
