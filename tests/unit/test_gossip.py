@@ -12,10 +12,12 @@ from gateway.gossip import TAG_BYTES, Codec, Load, Placement, secret_from_env
 
 SECRET = b"0123456789abcdef-secret"
 U64 = st.integers(min_value=0, max_value=2**64 - 1)
+POOLS = st.sampled_from(["sglang-llama8b", "p"])
+ENDPOINTS = st.sampled_from(["sglang-llama8b-0.sglang-llama8b.inference.svc.cluster.local:30000", "127.0.0.1:1"])
 placements = st.builds(
     Placement,
-    pool=st.sampled_from(["sglang-llama8b", "p"]),
-    endpoint=st.sampled_from(["sglang-llama8b-0.sglang-llama8b.inference.svc.cluster.local:30000", "127.0.0.1:1"]),
+    pool=POOLS,
+    endpoint=ENDPOINTS,
     prefix=st.lists(U64, max_size=200),
     session=st.none() | U64,
     opening=st.booleans(),
@@ -38,12 +40,7 @@ def test_every_placement_arrives_in_order_in_datagrams_within_the_size_limit(bat
             assert got.prefix == sent.prefix
 
 
-loads = st.builds(
-    Load,
-    pool=st.sampled_from(["sglang-llama8b", "p"]),
-    endpoint=st.sampled_from(["sglang-llama8b-0.sglang-llama8b.inference.svc.cluster.local:30000", "127.0.0.1:1"]),
-    in_flight=st.integers(min_value=0, max_value=2**31),
-)
+loads = st.builds(Load, pool=POOLS, endpoint=ENDPOINTS, in_flight=st.integers(min_value=0, max_value=2**31))
 
 
 @settings(max_examples=100, deadline=None)
