@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -78,7 +78,7 @@ class Simulator:
 class GatewayProcess:
     """``python -m gateway`` with a TOML config written for the test."""
 
-    def __init__(self, config: str, tmp: Path, workers: int = 1, wait_ready: bool = True, args: list[str] = ()):
+    def __init__(self, config: str, tmp: Path, workers: int = 1, wait_ready: bool = True, args: Sequence[str] = ()):
         self.port = free_ports()
         self.admin_port = free_ports()
         path = tmp / f"gateway-{self.port}.toml"
@@ -164,7 +164,7 @@ def simulator() -> Iterator:
 def gateway(tmp_path: Path) -> Iterator:
     started: list[GatewayProcess] = []
 
-    def start(config: str, workers: int = 1, wait_ready: bool = True, args: list[str] = ()) -> GatewayProcess:
+    def start(config: str, workers: int = 1, wait_ready: bool = True, args: Sequence[str] = ()) -> GatewayProcess:
         """``args``: more command-line arguments."""
         gw = GatewayProcess(config, tmp_path, workers, wait_ready, args)
         started.append(gw)

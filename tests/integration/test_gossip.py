@@ -35,7 +35,7 @@ def pair(simulator, gateway, monkeypatch):
     return gossiping_pair(simulator, gateway, monkeypatch)
 
 
-def gossiping_pair(simulator, gateway, monkeypatch, health: str = "", faults: list[str] = ()):
+def gossiping_pair(simulator, gateway, monkeypatch, health: str = "", faults: tuple[str, ...] = ()):
     """``health``: more [health] settings; ``faults``: simulator fault flags."""
     monkeypatch.setenv("EDGE_GATEWAY_GOSSIP_SECRET", SECRET)  # inherited by the gateway processes
     sim = simulator("sglang", replicas=2, extra=list(faults))
@@ -118,7 +118,7 @@ def test_a_cold_prompt_is_placed_past_a_replica_that_a_peer_keeps_busy(simulator
     # The engines are scraped once a minute: only gossip can tell the second gateway what the first
     # has in flight. Streams hang at the engine after their first two events, so they stay open.
     sim, first, second, _ = gossiping_pair(simulator, gateway, monkeypatch, health="scrape_interval_s = 60\n",
-                                           faults=["--hang-after-chunks", "2"])
+                                           faults=("--hang-after-chunks", "2"))
     routing = Routing()
     prompt = SYSTEM + "Q: which berth did the first ship take?"
     keys = affinity.prefix_hashes(MODEL, prompt, routing.block_chars, routing.max_prefix_chars)
@@ -150,7 +150,7 @@ def test_a_cold_prompt_is_placed_past_a_replica_that_a_peer_keeps_busy(simulator
 
 def test_the_load_a_peer_reported_is_forgotten_once_the_peer_has_died(simulator, gateway, monkeypatch):
     sim, first, second, _ = gossiping_pair(simulator, gateway, monkeypatch, health="scrape_interval_s = 60\n",
-                                           faults=["--hang-after-chunks", "2"])
+                                           faults=("--hang-after-chunks", "2"))
     endpoint = f"127.0.0.1:{sim.ports[0]}"
     eject(first, f"127.0.0.1:{sim.ports[1]}")
     streams = [client(first).chat.completions.create(
