@@ -169,7 +169,7 @@ class Discovery(_Section):
 
 
 class Gossip(_Section):
-    """Placement sharing between gateway processes (see gateway/gossip.py)."""
+    """Placement and load sharing between gateway processes (see gateway/gossip.py)."""
 
     # "host:port" of the gossip listeners of every gateway process of the region, this one's
     # included; a host name (the gateway's headless Service) stands for all its addresses and is
@@ -183,7 +183,8 @@ class Gossip(_Section):
     host: str = "0.0.0.0"
     # UDP; with --workers N, worker i listens on port + i.
     port: int = 7946
-    # How long a placement may wait for the next datagram to its peers.
+    # How long a placement may wait for the next datagram to its peers, and how often a process
+    # reports its requests in flight per endpoint when they changed.
     interval_s: float = 0.02
     # Below the path MTU would avoid IP fragmentation on pod networks; 8 KB holds about 7
     # placements of 128 blocks, or a few hundred of short prompts.
