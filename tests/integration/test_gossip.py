@@ -58,8 +58,13 @@ def eject(gw, endpoint: str) -> None:
 
 
 def received(gw) -> float:
+    return metric(gw, 'gateway_gossip_placements_total{direction="received"}')
+
+
+def metric(gw, series: str) -> float:
+    """The value of one series (name and labels) from the gateway's /metrics; 0 while absent."""
     for line in gw.metrics().splitlines():
-        if line.startswith('gateway_gossip_placements_total{direction="received"}'):
+        if line.startswith(series + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
@@ -172,6 +177,19 @@ def test_the_load_a_peer_reported_is_forgotten_once_the_peer_has_died(simulator,
     finally:
         for stream in streams:
             stream.close()
+
+
+def test_a_peer_name_that_does_not_resolve_is_counted_and_the_other_peers_still_share(simulator, gateway,
+                                                                                       monkeypatch):
+    monkeypatch.setenv("EDGE_GATEWAY_GOSSIP_SECRET", SECRET)
+    sim = simulator("sglang", replicas=2)
+    port = free_ports(2)  # worker i listens on port + i
+    gw = gateway(FAST_HEALTH + f'[gossip]\nhost = "127.0.0.1"\nport = {port}\n'
+                 f'peers = ["127.0.0.1:{port}", "edge-gateway-peer.invalid:{port}"]\n'  # RFC 6761: never resolves
+                 + pool_toml("s", "sglang", "interactive", sim.urls), workers=2)
+    assert_workers_share(gw)
+    assert metric(gw, "gateway_gossip_peer_lookup_failures_total") >= 2  # each worker's lookup at start
+    assert "gossip peer lookup failed" in gw.log()
 
 
 def endpoint_state(gw, endpoint: str) -> dict:
