@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.gossip import TAG_BYTES, Codec, Load, Placement, secret_from_env
+from gateway.gossip import TAG_BYTES, Codec, Datagram, Load, Placement, secret_from_env
 
 SECRET = b"0123456789abcdef-secret"
 U64 = st.integers(min_value=0, max_value=2**64 - 1)
@@ -27,10 +27,7 @@ placements = st.builds(
 @settings(max_examples=200, deadline=None)
 @given(batch=st.lists(placements, max_size=60), limit=st.integers(min_value=512, max_value=9000))
 def test_every_placement_arrives_in_order_in_datagrams_within_the_size_limit(batch, limit):
-    codec = Codec(SECRET, limit)
-    datagrams = list(codec.encode(7, batch))
-    assert all(len(d) <= limit for d in datagrams)
-    received = [p for d in datagrams for p in codec.decode(d).placements]
+    received = [p for d in sent_within(limit, lambda codec: codec.encode(7, batch)) for p in d.placements]
     assert [(p.pool, p.endpoint, p.session, p.opening) for p in received] == \
         [(p.pool, p.endpoint, p.session, p.opening) for p in batch]
     for sent, got in zip(batch, received):
@@ -46,10 +43,15 @@ loads = st.builds(Load, pool=POOLS, endpoint=ENDPOINTS, in_flight=st.integers(mi
 @settings(max_examples=100, deadline=None)
 @given(report=st.lists(loads, max_size=400), limit=st.integers(min_value=512, max_value=9000))
 def test_every_load_arrives_in_order_in_datagrams_within_the_size_limit(report, limit):
+    assert [load for d in sent_within(limit, lambda codec: codec.encode_loads(7, report)) for load in d.loads] == report
+
+
+def sent_within(limit: int, encode) -> list[Datagram]:
+    """What ``encode`` makes with a codec of that datagram size limit, decoded; each datagram fits."""
     codec = Codec(SECRET, limit)
-    datagrams = list(codec.encode_loads(7, report))
+    datagrams = list(encode(codec))
     assert all(len(d) <= limit for d in datagrams)
-    assert [load for d in datagrams for load in codec.decode(d).loads] == report
+    return [codec.decode(d) for d in datagrams]
 
 
 class DatagramBeforeLoads(msgspec.Struct, array_like=True):
