@@ -315,7 +315,8 @@ class Gossip(asyncio.DatagramProtocol):
         """Send this process's requests in flight per endpoint, if they changed since the last
         report or that is ``LOAD_REFRESH_S`` old (a peer forgets reports older than
         ``LOAD_EXPIRY_S``: those of a process that died)."""
-        loads = [Load(name, ep.id, ep.in_flight) for name, pool in self._pools.items() for ep in pool.endpoints]
+        loads = [Load(name, ep.id, ep.in_flight)
+                 for name, pool in self._pools.items() for ep in pool.endpoints]
         if loads == self._reported and now - self._reported_at < LOAD_REFRESH_S:
             return
         if self._broadcast(self.codec.encode_loads(self.sender, loads)):
@@ -394,7 +395,8 @@ class Gossip(asyncio.DatagramProtocol):
             if ep is not None:
                 ep.peer_in_flight = sum([n for n, _ in reports.values()])
 
-    def _endpoint(self, pool_name: str, endpoint_id: str, by_id: dict[str, dict[str, Endpoint]]) -> Endpoint | None:
+    def _endpoint(self, pool_name: str, endpoint_id: str,
+                  by_id: dict[str, dict[str, Endpoint]]) -> Endpoint | None:
         """The endpoint of this process's pool, looked up through ``by_id``, a cache for one batch."""
         endpoints = by_id.get(pool_name)
         if endpoints is None:

@@ -116,7 +116,8 @@ class Metrics:
             "gateway_gossip_peer_lookup_failures_total",
             "Lookups of a gossip peer name that failed (its last addresses are kept).", registry=r)
         self.gossip_peers = Gauge(
-            "gateway_gossip_peers", "Addresses placements and loads are sent to, this process's own included.",
+            "gateway_gossip_peers",
+            "Addresses placements and loads are sent to, this process's own included.",
             multiprocess_mode="livemax", registry=r)
         self.upstream_connects = Counter(
             "gateway_upstream_connects_total", "New upstream TCP connections opened.", registry=r)

@@ -16,8 +16,8 @@ from gateway import settings as cfg
 
 class Endpoint:
     __slots__ = ("id", "pool", "host", "port", "in_flight", "healthy", "ejected_until", "panic", "available",
-                 "weight", "peer_in_flight", "engine_foreign", "engine_kv_usage", "engine_seen_at", "saturated",
-                 "signal_stale")
+                 "weight", "peer_in_flight", "engine_foreign", "engine_kv_usage", "engine_seen_at",
+                 "saturated", "signal_stale")
 
     def __init__(self, url: str, pool: str):
         parts = urlsplit(url)

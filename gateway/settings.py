@@ -266,7 +266,8 @@ class SettingsError(ValueError):
     """Raised with a message that names the offending key."""
 
 
-def load(path: str | None = None, environ: dict[str, str] | None = None, workers: int | None = None) -> Settings:
+def load(path: str | None = None, environ: dict[str, str] | None = None,
+         workers: int | None = None) -> Settings:
     """The file, then the environment's EDGE_GATEWAY__* over it, then the command line's
     ``--workers`` over both; validated as a whole."""
     raw: dict[str, Any] = {}

@@ -78,7 +78,8 @@ class Simulator:
 class GatewayProcess:
     """``python -m gateway`` with a TOML config written for the test."""
 
-    def __init__(self, config: str, tmp: Path, workers: int = 1, wait_ready: bool = True, args: Sequence[str] = ()):
+    def __init__(self, config: str, tmp: Path, workers: int = 1, wait_ready: bool = True,
+                 args: Sequence[str] = ()):
         self.port = free_ports()
         self.admin_port = free_ports()
         path = tmp / f"gateway-{self.port}.toml"
@@ -88,7 +89,8 @@ class GatewayProcess:
             f'[admin]\nhost = "127.0.0.1"\nport = {self.admin_port}\n' + config)
         self.log_path = tmp / f"gateway-{self.port}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(path), *args], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(path), *args],
+                                     cwd=ROOT,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         if wait_ready:
             self.wait_ready()
@@ -164,7 +166,8 @@ def simulator() -> Iterator:
 def gateway(tmp_path: Path) -> Iterator:
     started: list[GatewayProcess] = []
 
-    def start(config: str, workers: int = 1, wait_ready: bool = True, args: Sequence[str] = ()) -> GatewayProcess:
+    def start(config: str, workers: int = 1, wait_ready: bool = True,
+              args: Sequence[str] = ()) -> GatewayProcess:
         """``args``: more command-line arguments."""
         gw = GatewayProcess(config, tmp_path, workers, wait_ready, args)
         started.append(gw)

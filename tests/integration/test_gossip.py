@@ -143,7 +143,8 @@ def test_a_cold_prompt_is_placed_past_a_replica_that_a_peer_keeps_busy(simulator
         assert endpoint_state(second, owner)["in_flight"] == 0
 
         raw = client(second).completions.with_raw_response.create(model=MODEL, prompt=prompt, max_tokens=4)
-        assert raw.headers["x-gateway-endpoint"] == elsewhere  # the owner, with 4 of 4 requests, is over bound
+        # The owner, with 4 of the pool's 4 requests, is over its bound.
+        assert raw.headers["x-gateway-endpoint"] == elsewhere
     finally:
         for stream in streams:
             stream.close()
@@ -185,7 +186,8 @@ def test_a_peer_name_that_does_not_resolve_is_counted_and_the_other_peers_still_
     sim = simulator("sglang", replicas=2)
     port = free_ports(2)  # worker i listens on port + i
     gw = gateway(FAST_HEALTH + f'[gossip]\nhost = "127.0.0.1"\nport = {port}\n'
-                 f'peers = ["127.0.0.1:{port}", "edge-gateway-peer.invalid:{port}"]\n'  # RFC 6761: never resolves
+                 # .invalid never resolves (RFC 6761).
+                 f'peers = ["127.0.0.1:{port}", "edge-gateway-peer.invalid:{port}"]\n'
                  + pool_toml("s", "sglang", "interactive", sim.urls), workers=2)
     assert_workers_share(gw)
     assert metric(gw, "gateway_gossip_peer_lookup_failures_total") >= 2  # each worker's lookup at start

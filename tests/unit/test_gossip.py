@@ -13,7 +13,8 @@ from gateway.gossip import TAG_BYTES, Codec, Datagram, Load, Placement, secret_f
 SECRET = b"0123456789abcdef-secret"
 U64 = st.integers(min_value=0, max_value=2**64 - 1)
 POOLS = st.sampled_from(["sglang-llama8b", "p"])
-ENDPOINTS = st.sampled_from(["sglang-llama8b-0.sglang-llama8b.inference.svc.cluster.local:30000", "127.0.0.1:1"])
+ENDPOINTS = st.sampled_from(
+    ["sglang-llama8b-0.sglang-llama8b.inference.svc.cluster.local:30000", "127.0.0.1:1"])
 placements = st.builds(
     Placement,
     pool=POOLS,
@@ -43,7 +44,8 @@ loads = st.builds(Load, pool=POOLS, endpoint=ENDPOINTS, in_flight=st.integers(mi
 @settings(max_examples=100, deadline=None)
 @given(report=st.lists(loads, max_size=400), limit=st.integers(min_value=512, max_value=9000))
 def test_every_load_arrives_in_order_in_datagrams_within_the_size_limit(report, limit):
-    assert [load for d in sent_within(limit, lambda codec: codec.encode_loads(7, report)) for load in d.loads] == report
+    datagrams = sent_within(limit, lambda codec: codec.encode_loads(7, report))
+    assert [load for d in datagrams for load in d.loads] == report
 
 
 def sent_within(limit: int, encode) -> list[Datagram]:

@@ -17,9 +17,9 @@ from gateway.settings import Pool
 BLOCK = 256
 # ring_choices 3 balances one process best (picker docstring); the tests of processes that share
 # clients pass 1, the settings' default.
-SETTINGS = {"c": 1.25, "ring_c": 1.25, "session_slack": 2.0, "vnodes": 160, "ring_key_blocks": 2, "ring_choices": 3,
-            "index_capacity_blocks": 100_000, "index_ttl_s": 600.0, "session_capacity": 10_000,
-            "session_ttl_s": 3600.0, "max_candidates": 3, "seed": 1}
+SETTINGS = {"c": 1.25, "ring_c": 1.25, "session_slack": 2.0, "vnodes": 160, "ring_key_blocks": 2,
+            "ring_choices": 3, "index_capacity_blocks": 100_000, "index_ttl_s": 600.0,
+            "session_capacity": 10_000, "session_ttl_s": 3600.0, "max_candidates": 3, "seed": 1}
 
 
 @dataclass
@@ -148,7 +148,8 @@ def test_power_of_two_takes_the_less_loaded_of_its_two_draws():
         assert decision.branch == "power_of_two"
 
 
-BATCH_DEFAULT = Pool(name="b", engine="vllm", role="batch", models=["m"], endpoints=["http://h:1"]).effective_policy
+BATCH_DEFAULT = Pool(name="b", engine="vllm", role="batch", models=["m"],
+                     endpoints=["http://h:1"]).effective_policy
 
 
 @pytest.mark.parametrize("name", [BATCH_DEFAULT, "prefix", "session"])
