@@ -375,34 +375,35 @@ class Gossip(asyncio.DatagramProtocol):
     def _apply_loads(self, sender: int, loads: list[Load], now: float) -> None:
         by_id: dict[str, dict[str, Endpoint]] = {}
         for load in loads:
-            reports = self._peer_loads.setdefault((load.pool, load.endpoint), {})
+            key = (load.pool, load.endpoint)
+            reports = self._peer_loads.setdefault(key, {})
             reports[sender] = (load.in_flight, now)
-            ep = self._endpoint(load.pool, load.endpoint, by_id)
-            if ep is not None:
-                ep.peer_in_flight = sum([n for n, _ in reports.values()])
+            self._sum_reports(key, reports, by_id)
         self.metrics.child(self.metrics.gossip_load_reports, "received").inc()
 
     def _expire_loads(self, now: float) -> None:
         """Forget the reports older than ``LOAD_EXPIRY_S`` and sum the rest anew (which also
         counts them at endpoints that discovery has replaced since)."""
         by_id: dict[str, dict[str, Endpoint]] = {}
-        for (pool, endpoint_id), reports in list(self._peer_loads.items()):
+        for key, reports in list(self._peer_loads.items()):
             for sender in [s for s, (_, at) in reports.items() if now - at > LOAD_EXPIRY_S]:
                 del reports[sender]
             if not reports:
-                del self._peer_loads[pool, endpoint_id]
-            ep = self._endpoint(pool, endpoint_id, by_id)
-            if ep is not None:
-                ep.peer_in_flight = sum([n for n, _ in reports.values()])
+                del self._peer_loads[key]
+            self._sum_reports(key, reports, by_id)
 
-    def _endpoint(self, pool_name: str, endpoint_id: str,
-                  by_id: dict[str, dict[str, Endpoint]]) -> Endpoint | None:
-        """The endpoint of this process's pool, looked up through ``by_id``, a cache for one batch."""
+    def _sum_reports(self, key: tuple[str, str], reports: dict[int, tuple[int, float]],
+                     by_id: dict[str, dict[str, Endpoint]]) -> None:
+        """Set the ``peer_in_flight`` of endpoint ``key`` (pool, id) of this process, if it has
+        it, to the sum of ``reports``; ``by_id`` caches each pool's endpoints for one batch."""
+        pool_name, endpoint_id = key
         endpoints = by_id.get(pool_name)
         if endpoints is None:
             pool = self._pools.get(pool_name)
             endpoints = by_id[pool_name] = {ep.id: ep for ep in pool.endpoints} if pool is not None else {}
-        return endpoints.get(endpoint_id)
+        ep = endpoints.get(endpoint_id)
+        if ep is not None:
+            ep.peer_in_flight = sum([n for n, _ in reports.values()])
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from a peer that is not (yet) listening: expected while pods roll.
