@@ -4,8 +4,8 @@ and how many requests it has in flight where.
 Why. Each process learns where prefixes and sessions live only from the requests it sent itself
 (``picker``: ``observe``). Clients do not stay on one process: the official SDKs close an idle
 connection after a few seconds, and the next one lands on any worker or gateway pod. A process that
-never saw a prompt's first turn falls back to the ring owner, and whenever load made the first
-process place it elsewhere, the two disagree and the turn pays a cold prefill. Measured with the
+never saw a prompt's first turn places it anew on the ring by its own view of the loads, and
+whenever that differs from where the first process placed it, the turn pays a cold prefill. Measured with the
 routing benchmark (``loadtests/replay.py``, 8 replicas, one gateway with ``--workers 2`` sharing the
 clients' connections, no gossip): the hh-rlhf hit ratio fell from 0.374 to 0.344 against one
 process (97.7 % → 89.8 % of the same-size oracle), Mooncake's from 0.396 to 0.345. Dynamo's router

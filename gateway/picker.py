@@ -81,18 +81,19 @@ never the whole pool. But loads change, and a process that never saw a prefix or
 process indexes only what it sent) places it by the loads of a later moment. The same simulation
 with every request sent to one of 2 (4) processes at random: Mooncake hit ratio about equal to the
 owner alone (0.30 with 2 processes; 0.25 against 0.29 with 4), TTFT p99 and balance still better;
-hh-rlhf session hit ratio 72 % (50 %) of the oracle against 94 % (92 %) with one choice. A
-deployment that spreads one client's requests over several processes or replicas should set
-``ring_choices = 1``; a single process, or processes behind a balancer that keeps each client or
-session on one of them, gets the balance.
+hh-rlhf session hit ratio 72 % (50 %) of the oracle against 94 % (92 %) with one choice.
 
-Gossip (``gossip.py``, off unless ``gossip.peers`` is set) takes most of this price away: every
-process records where the others placed prompts and sessions, within ``gossip.interval_s``, so a
-turn reaching a process that never saw its conversation goes where the conversation was placed,
-whatever the loads said then. What is left is two requests of one new prompt arriving at two
-processes within that interval. In the replay with two worker processes sharing the clients
-(hh-rlhf, ``ring_load_factor = 1.0``): hit ratio 0.377 with one process, 0.305 with two, 0.377 with
-two that gossip.
+Gossip (``gossip.py``: between the workers of one gateway by default, between gateway pods when
+``gossip.peers`` names them) takes most of this price away: every process records where the others
+placed prompts and sessions, within ``gossip.interval_s``, so a turn reaching a process that never
+saw its conversation goes where the conversation was placed, whatever the loads said then. What is
+left is two requests of one new prompt arriving at two processes within that interval. In the
+replay with two worker processes sharing the clients (hh-rlhf, ``ring_load_factor = 1.0``): hit
+ratio 0.377 with one process, 0.305 with two, 0.377 with two that gossip. Hence the default of 2
+choices (measured on the replay itself, one process and two gossiping workers, two runs each against
+one choice: Mooncake hit ratio 0.41-0.42 against 0.38-0.42, hh-rlhf max/mean busy 1.24-1.27 against
+1.25-1.31; three choices did no better than two). Processes that share clients without gossip need
+``ring_choices = 1``.
 
 A prefix shared by every request (a common system prompt) is handled by the two steps together.
 It starts on one ring candidate; when that endpoint passes its bound, the overflow goes to another
@@ -126,8 +127,9 @@ with ``ring_c = 1`` (placement at the mean, rounded up) the same simulation give
 one process, hit ratio 0.34 -> 0.41, TTFT p99 -31 %, max/mean in flight 1.32 -> 1.24, and for
 hh-rlhf max/mean 1.38 -> 1.23. The price is agreement again: at the mean, a cold prefix passes its
 owner about as often as not, and a process that never saw it looks for it on the owner; with 4
-processes sharing clients, Mooncake hit ratio 0.30 -> 0.24 and a worse p99. Hence the default
-``ring_c = c``, and ``1`` for a single process (or processes that keep each client).
+processes sharing clients, Mooncake hit ratio 0.30 -> 0.24 and a worse p99. Gossip pays that
+price as it pays the choices' (above), hence the default ``ring_c = 1``; processes that share
+clients without gossip need ``ring_c = c``.
 
 KV saturation
 -------------

@@ -116,19 +116,14 @@ class Routing(_Section):
     vnodes: int = 160
     ring_key_blocks: int = 2
     # Cold prefixes and new sessions go to the least loaded of the first `ring_choices` members of
-    # their ring order. 1 is the deterministic owner every worker and gateway replica agrees on
-    # (required when requests for one prefix or session can reach several processes); 3 balances a
-    # single process better (replay benchmark: Mooncake spread 1.34 -> 1.26, hit 0.36 -> 0.39).
-    ring_choices: int = 1
-    # Load factor of the bound cold prefixes, overflows and new sessions are placed within
-    # (load_factor bounds what placed work keeps). 1.0 spreads new work evenly and lifts one
-    # process's hit ratio and TTFT (replay benchmark, Mooncake: hit 0.355 -> 0.408, p99 -20 %), but
-    # then a cold prefix passes its owner about as often as not, and processes that did not place it
-    # look for it there (simulation, 4 processes sharing clients: hit 0.30 -> 0.24). Processes that
-    # gossip learn each other's placements and can use 1.0: the workers of one gateway do by
-    # default, gateway pods with `gossip.peers` (README, "Sharing placements between gateway
-    # processes").
-    ring_load_factor: float = 1.25
+    # their ring order, within `ring_load_factor` x mean load (`load_factor` bounds what placed work
+    # keeps). 2 and 1.0 balance new work best, and leave the holders more room for their hits
+    # (README, "Routing defaults"), but a cold prefix or new session then often lands off its ring
+    # owner, where a process that never heard of it looks. Processes that gossip hear of it: the
+    # workers of one gateway do by default, gateway pods when `gossip.peers` names them. Pods that
+    # share clients without gossip need 1 and 1.25, the deterministic owner every process agrees on.
+    ring_choices: int = 2
+    ring_load_factor: float = 1.0
     index_capacity_blocks: int = 262144
     index_ttl_s: float = 600.0
     session_headers: list[str] = msgspec.field(default_factory=lambda: ["x-session-id"])

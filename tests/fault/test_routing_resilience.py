@@ -179,7 +179,10 @@ def recovery(tmp_path_factory) -> Iterator[Recovery]:
     sim = Simulator("sglang", 4, 0.05, [])  # 0.05: ~0.5 s per 8-token request, so 48 clients stay in flight
     gw = None
     try:
-        config = (HEALTH + ENDPOINT_HEADER + f"[outlier]\nslow_start_s = {SLOW_START_S}\n"
+        # The ring owner alone places a cold prompt, within the holders' bound, so that "the prompts
+        # it owns" are fixed by the ring and not shared with a second choice by load.
+        config = (HEALTH + ENDPOINT_HEADER + "ring_choices = 1\nring_load_factor = 1.25\n"
+                  + f"[outlier]\nslow_start_s = {SLOW_START_S}\n"
                   + pool_toml("s", "sglang", "interactive", sim.urls))
         gw = GatewayProcess(config, tmp_path_factory.mktemp("recovery"))
         yield asyncio.run(_recover_under_load(gw, endpoint_ids(sim)))

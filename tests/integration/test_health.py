@@ -71,7 +71,10 @@ def test_endpoint_leaves_rotation_when_its_health_check_fails_and_returns(simula
 def test_replica_whose_engine_reports_a_saturated_kv_cache_takes_no_new_prompts_but_keeps_its_prefix_hits(
         simulator, gateway):
     sim = simulator("sglang", replicas=2, speed=0.05, extra=["--cache-tokens", "4096"])
-    gw = gateway(HEALTH + "[routing]\nendpoint_header = true\n" + pool_toml("s", "sglang", "interactive", sim.urls))
+    # Cold prompts go to their ring owner while it is within 1.25 x mean, which the holder's one
+    # foreign stream leaves it: saturation alone is what moves them.
+    gw = gateway(HEALTH + "[routing]\nendpoint_header = true\nring_choices = 1\nring_load_factor = 1.25\n"
+                 + pool_toml("s", "sglang", "interactive", sim.urls))
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)
 
     def ask(system: str, question: str) -> str:
