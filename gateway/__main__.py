@@ -4,9 +4,10 @@ With one worker, one process serves the public and the admin listener. With ``--
 supervisor starts N worker processes that share the public port (SO_REUSEPORT, the kernel spreads
 connections), serves the admin listener itself, restarts a worker that dies, and forwards SIGTERM so
 that every worker drains. Metrics go through prometheus-client's multiprocess directory, so any
-``/metrics`` reports the sum over all workers. Unless ``gossip.peers`` names the region's processes,
-the workers share their placements with each other over loopback sockets the supervisor binds
-(``gossip.between_workers``, gateway/gossip.py).
+``/metrics`` reports the sum over all workers; the rest of the admin API is asked of every worker,
+on a loopback socket the supervisor binds for each (``admin.supervisor_app``). Unless
+``gossip.peers`` names the region's processes, the workers share their placements with each other
+over loopback sockets the supervisor binds (``gossip.between_workers``, gateway/gossip.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -30,9 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-gateway", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="TOML settings file (environment EDGE_GATEWAY__* overrides it)")
     parser.add_argument("--workers", type=int, help="worker processes (overrides `workers` in the config)")
-    # Started by the supervisor, with the worker's index (its gossip port is gossip.port + index)
-    # and, when the workers gossip among themselves, their loopback sockets (gossip.Siblings).
+    # Started by the supervisor, with the worker's index (its gossip port is gossip.port + index),
+    # its admin socket and, when the workers gossip among themselves, their loopback sockets
+    # (gossip.Siblings).
     parser.add_argument("--worker", type=int, metavar="INDEX", help=argparse.SUPPRESS)
+    parser.add_argument("--admin-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
     parser.add_argument("--siblings", metavar="FD:PORTS", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -48,19 +52,20 @@ def main(argv: list[str] | None = None) -> int:
         from gateway.gossip import Siblings
 
         siblings = Siblings.parse(args.siblings) if args.siblings else None
-        return _serve(config, serve_admin=False, reuse_port=True, worker=args.worker, siblings=siblings)
+        admin_sock = socket.socket(fileno=args.admin_fd)
+        return _serve(config, reuse_port=True, worker=args.worker, siblings=siblings, admin_sock=admin_sock)
     if config.workers == 1:
-        return _serve(config, serve_admin=True, reuse_port=False, worker=0)
+        return _serve(config, reuse_port=False, worker=0)
     return _supervise(config, args.config)
 
 
-def _serve(config, serve_admin: bool, reuse_port: bool, worker: int, siblings=None) -> int:
+def _serve(config, reuse_port: bool, worker: int, siblings=None, admin_sock=None) -> int:
     import uvloop
 
     from gateway.app import Gateway
 
     async def run() -> None:
-        gateway = Gateway(config, serve_admin=serve_admin, worker=worker, siblings=siblings)
+        gateway = Gateway(config, worker=worker, siblings=siblings, admin_sock=admin_sock)
         await gateway.start(reuse_port=reuse_port)
         # Everything built so far lives as long as the process: keep the cyclic GC from walking it
         # again and again, and let the short-lived per-request objects pile up a little longer
@@ -85,10 +90,9 @@ def _supervise(config, config_path: str | None) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="edge-gateway-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # before prometheus_client is imported
     import uvloop
-    from aiohttp import web
     from prometheus_client import multiprocess
 
-    from gateway.admin import start_admin
+    from gateway.admin import bind_worker_admin, start_admin, supervisor_app
     from gateway.gossip import Siblings, bind_siblings
     from gateway.metrics import Metrics
 
@@ -97,15 +101,18 @@ def _supervise(config, config_path: str | None) -> int:
     # The secret is drawn anew at every start: only this supervisor's workers ever hold it.
     env = {**os.environ, config.gossip.secret_env: secrets.token_hex(32)} if socks else None
     ports = tuple(sock.getsockname()[1] for sock in socks)
+    admin_socks = [bind_worker_admin() for _ in range(workers)]
 
     def start(worker: int) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "gateway", "--worker", str(worker), "--workers", str(workers)]
+        admin_fd = admin_socks[worker].fileno()
+        cmd = [sys.executable, "-m", "gateway", "--worker", str(worker), "--workers", str(workers),
+               "--admin-fd", str(admin_fd)]
         cmd += ["--config", config_path] if config_path else []
         if not socks:
-            return subprocess.Popen(cmd)
+            return subprocess.Popen(cmd, pass_fds=(admin_fd,))
         sock = socks[worker]
         cmd += ["--siblings", Siblings(sock.fileno(), ports).argument()]
-        return subprocess.Popen(cmd, pass_fds=(sock.fileno(),), env=env)
+        return subprocess.Popen(cmd, pass_fds=(admin_fd, sock.fileno()), env=env)
 
     async def run() -> None:
         metrics = Metrics()
@@ -121,25 +128,22 @@ def _supervise(config, config_path: str | None) -> int:
 
         loop.add_signal_handler(signal.SIGHUP, reload_keys)
 
-        app = web.Application()
+        restarts_held = False
 
-        async def metrics_handler(request: web.Request) -> web.Response:
-            return web.Response(body=metrics.exposition(),
-                                headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        def hold_restarts(held: bool) -> None:
+            nonlocal restarts_held
+            restarts_held = held
 
-        async def healthz(request: web.Request) -> web.Response:
-            alive = sum(p.poll() is None for p in procs)
-            return web.json_response({"status": "ok" if alive else "down", "workers": alive},
-                                     status=200 if alive else 503)
-
-        app.router.add_get("/metrics", metrics_handler)
-        app.router.add_get("/healthz", healthz)
+        app = supervisor_app(worker_ports=[sock.getsockname()[1] for sock in admin_socks],
+                             metrics_text=metrics.exposition,
+                             alive=lambda: sum(p.poll() is None for p in procs),
+                             hold_restarts=hold_restarts, stop=stopping.set)
         runner, port = await start_admin(app, config)
         log.info("supervisor started", extra={"fields": {"workers": workers, "admin_port": port,
                                                          "pids": [p.pid for p in procs]}})
         while not stopping.is_set():
             for i, proc in enumerate(procs):
-                if proc.poll() is not None:
+                if proc.poll() is not None and not restarts_held:
                     log.error("worker exited; restarting", extra={"fields": {"pid": proc.pid,
                                                                              "code": proc.returncode}})
                     multiprocess.mark_process_dead(proc.pid)
@@ -161,7 +165,7 @@ def _supervise(config, config_path: str | None) -> int:
     try:
         uvloop.run(run())
     finally:
-        for sock in socks:
+        for sock in socks + admin_socks:
             sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 
 from aiohttp import web
@@ -39,11 +40,11 @@ log = logging.getLogger("gateway")
 
 
 class Gateway:
-    def __init__(self, settings: Settings, serve_admin: bool = True, worker: int = 0,
-                 siblings: Siblings | None = None):
+    def __init__(self, settings: Settings, worker: int = 0, siblings: Siblings | None = None,
+                 admin_sock: socket.socket | None = None):
         s = settings
         self.settings = s
-        self.serve_admin = serve_admin
+        self.admin_sock = admin_sock
         self.metrics = Metrics()
         self.access_log = AccessLog(s.logging.access_log)
         self.lifecycle = Lifecycle()
@@ -96,10 +97,9 @@ class Gateway:
             await self.gossip.start()
         # Admin first: once the public port answers (and /readyz says ready), metrics, endpoint
         # state and drain must be reachable too.
-        if self.serve_admin:
-            app = admin_app(pools=self.pools, router=self.router, lifecycle=self.lifecycle, ledger=self.ledger,
-                            outlier=self.outlier, keys=self.keys, request_drain=self.stop_requested.set)
-            self._admin_runner, self.admin_port = await start_admin(app, self.settings)
+        app = admin_app(pools=self.pools, router=self.router, lifecycle=self.lifecycle, ledger=self.ledger,
+                        outlier=self.outlier, keys=self.keys, request_drain=self.stop_requested.set)
+        self._admin_runner, self.admin_port = await start_admin(app, self.settings, self.admin_sock)
         self.port = await self.server.start(self.settings.listen.host, self.settings.listen.port, reuse_port)
         log.info("gateway listening", extra={"fields": {
             "port": self.port, "admin_port": self.admin_port, "region": self.settings.region,

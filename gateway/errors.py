@@ -38,6 +38,7 @@ KINDS: dict[str, Kind] = {
     "overloaded": Kind(429, "rate_limit_error", "overloaded", True, 1),
     "internal_error": Kind(500, "server_error", "internal_error", True),
     "upstream_error": Kind(502, "server_error", "upstream_error", True),
+    "worker_unavailable": Kind(502, "server_error", "worker_unavailable", True),
     "no_healthy_upstream": Kind(503, "service_unavailable_error", "no_healthy_upstream", True, 1),
     "server_busy": Kind(503, "service_unavailable_error", "server_busy", True, 1, close=True),
     "draining": Kind(503, "service_unavailable_error", "draining", True, 1, close=True),

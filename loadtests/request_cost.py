@@ -109,7 +109,7 @@ def build_gateway(answer: bytes, access_log: BinaryIO) -> tuple[Gateway, list[_C
         config = settings.load(f.name, environ={})
     finally:
         os.unlink(f.name)
-    gateway = Gateway(config, serve_admin=False)
+    gateway = Gateway(config)
     gateway.access_log.stream = access_log
     loop = asyncio.get_running_loop()
     upstreams = []

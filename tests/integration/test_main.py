@@ -1,4 +1,5 @@
-"""The process: several workers on one port with metrics that add up, and a graceful SIGTERM."""
+"""The process: several workers on one port with metrics that add up and one admin port, and a graceful
+SIGTERM."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import signal
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import openai
 
@@ -74,3 +77,58 @@ def test_sigterm_lets_a_running_stream_finish_then_exits_zero(simulator, gateway
     reader.join(timeout=30)
     assert len(result["text"].split()) == 60
     assert gw.proc.wait(timeout=10) == 0
+
+
+def admin_call(gw, method: str, path: str) -> tuple[int, object]:
+    req = urllib.request.Request(f"{gw.admin_url}{path}", method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_with_workers_the_admin_port_lists_every_workers_endpoints_and_an_eject_reaches_them_all(
+        simulator, gateway):
+    sim = simulator("sglang", replicas=2)
+    gw = gateway(FAST_HEALTH + pool_toml("s", "sglang", "interactive", sim.urls), workers=2)
+    ejected, kept = (f"127.0.0.1:{port}" for port in sim.ports)
+
+    status, rows = admin_call(gw, "GET", "/admin/endpoints")
+    assert status == 200
+    assert sorted((r["worker"], r["endpoint"]) for r in rows) == sorted(
+        (w, e) for w in (0, 1) for e in (ejected, kept))
+    status, ready = admin_call(gw, "GET", "/readyz")
+    assert status == 200 and len(ready["workers"]) == 2
+
+    status, answer = admin_call(gw, "POST", f"/admin/endpoints/s/{ejected}/eject?seconds=300")
+    assert status == 200 and [w["endpoint"] for w in answer["workers"]] == [ejected, ejected]
+    rows = admin_call(gw, "GET", "/admin/endpoints")[1]
+    assert {(r["worker"], r["available"]) for r in rows if r["endpoint"] == ejected} == {
+        (0, False), (1, False)}
+    before = len(sim.requests(0))
+    for i in range(20):
+        # A new connection per request lets the kernel spread them over both workers.
+        client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"q{i}"}],
+                                       max_tokens=2)
+        client.close()
+    assert len(sim.requests(0)) == before
+
+    assert admin_call(gw, "POST", f"/admin/endpoints/s/{ejected}/restore")[0] == 200
+    rows = admin_call(gw, "GET", "/admin/endpoints")[1]
+    assert all(r["available"] for r in rows if r["endpoint"] == ejected)
+    status, error = admin_call(gw, "POST", "/admin/endpoints/s/127.0.0.1:1/eject")
+    assert status == 404 and error["error"]["code"] == "not_found"
+    status, error = admin_call(gw, "POST", f"/admin/endpoints/s/{ejected}/eject?seconds=soon")
+    assert status == 400 and error["error"]["param"] == "seconds"
+
+
+def test_with_workers_an_admin_drain_drains_every_worker_and_the_supervisor_exits_zero(simulator, gateway):
+    sim = simulator("sglang", replicas=1)
+    gw = gateway(FAST_HEALTH + pool_toml("s", "sglang", "interactive", sim.urls), workers=2)
+    status, answer = admin_call(gw, "POST", "/admin/drain")
+    assert status == 200 and answer["workers"] == [{"draining": True}, {"draining": True}]
+    assert gw.proc.wait(timeout=30) == 0
+    assert "worker exited; restarting" not in gw.log()
+    assert gw.log().count('"draining"') >= 2  # each worker logged its drain

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import FAST_HEALTH, ROOT, free_ports, http_get, pool_toml
 from tests.integration.test_errors import assert_openai_error
-from tests.security import bodiless_call, keyed_stack
+from tests.security import PEPPER_ENV, TEST_PEPPER, bodiless_call, issue_key, keyed_stack
 
 ADMIN_PATHS = [("GET", "/admin/endpoints"), ("POST", "/admin/drain"), ("POST", "/admin/keys/reload"),
                ("POST", "/admin/endpoints/s/127.0.0.1:1/eject"), ("GET", "/metrics")]
@@ -130,3 +130,30 @@ def test_refused_admin_calls_are_audited_without_the_presented_key(stack):
     assert [(a["path"], a["status"], a["peer"]) for a in refused] == [("/admin/drain", 401, "127.0.0.1"),
                                                                      ("/admin/drain", 403, "127.0.0.1")]
     assert user_key not in stack.gw.log()
+
+
+def test_with_workers_admin_calls_need_an_admin_key_and_every_worker_audits_the_key_id(
+        simulator, gateway, tmp_path, monkeypatch):
+    """Scenario 18 with ``--workers 2``: the supervisor holds no keys; it passes each call to every
+    worker, which refuses it or acts on it and audits it, naming the client the supervisor served."""
+    monkeypatch.setenv(PEPPER_ENV, TEST_PEPPER)
+    keys_file = tmp_path / "keys.jsonl"
+    user_key, admin_key = issue_key(keys_file, "alice"), issue_key(keys_file, "ops", "--role", "admin")
+    sim = simulator("sglang")
+    gw = gateway(FAST_HEALTH + f'[auth]\nkeys_file = "{keys_file}"\n'
+                 + pool_toml("s", "sglang", "interactive", sim.urls), workers=2)
+    endpoint = sim.urls[0].removeprefix("http://")
+    eject = f"/admin/endpoints/s/{endpoint}/eject?seconds=5"
+    status, headers, body = bodiless_call(gw.admin_port, "POST", eject)
+    assert status == 401 and headers["www-authenticate"] == "Bearer"
+    assert_openai_error(body, code="invalid_api_key")
+    assert bodiless_call(gw.admin_port, "POST", eject, user_key)[0] == 403
+    status, _, body = bodiless_call(gw.admin_port, "POST", eject, admin_key)
+    assert status == 200, body
+    deadline = time.monotonic() + 5
+    while len(actions := [a for a in audit_lines(gw) if a["msg"] == "admin action"]) < 2:
+        assert time.monotonic() < deadline, actions
+        time.sleep(0.05)
+    audited = [(a["action"], a["key_id"], a["forwarded_for"]) for a in actions]
+    assert audited == [("eject", "ops", "127.0.0.1")] * 2
+    assert admin_key not in gw.log() and user_key not in gw.log()
