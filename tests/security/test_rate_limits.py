@@ -132,7 +132,7 @@ def test_burst_of_120_gets_the_bucket_and_429s_with_the_real_refill_time_while_a
     assert abs(refill - int(refusal.headers["retry-after"])) <= 1.0, (refill, refusal.headers)
 
     assert len(during) >= 5
-    assert all(a.status == 200 for a in baseline + during)
+    assert [(a.status, a.body) for a in baseline + during if a.status != 200] == []
     assert p99([a.seconds for a in during]) <= 2 * p99([a.seconds for a in baseline]) + 0.030
 
 
