@@ -66,16 +66,18 @@ def _serve(config, reuse_port: bool, worker: int, siblings=None, admin_sock=None
 
     async def run() -> None:
         gateway = Gateway(config, worker=worker, siblings=siblings, admin_sock=admin_sock)
+        # Before start: a SIGTERM that arrives while the process starts (a supervisor stopping its
+        # workers as one of them comes up) must drain it, not kill it.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, gateway.stop_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, gateway.reload_keys)
         await gateway.start(reuse_port=reuse_port)
         # Everything built so far lives as long as the process: keep the cyclic GC from walking it
         # again and again, and let the short-lived per-request objects pile up a little longer
         # between young-generation collections (fewer, not longer, pauses).
         gc.freeze()
         gc.set_threshold(20000, 20, 20)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, gateway.stop_requested.set)
-        loop.add_signal_handler(signal.SIGHUP, gateway.reload_keys)
         await gateway.stop_requested.wait()
         log.info("draining", extra={"fields": {"drain_s": config.timeouts.drain_s}})
         await gateway.drain()
