@@ -31,6 +31,7 @@ from gateway.auth import KeyFileError, KeyStore
 from gateway.errors import GatewayError
 from gateway.handlers import Lifecycle, readiness
 from gateway.ledger import Ledger
+from gateway.metrics import EXPOSITION_CONTENT_TYPE
 from gateway.outlier import OutlierDetector
 from gateway.pool import Pool
 from gateway.router import Router
@@ -70,8 +71,7 @@ def admin_app(*, pools: list[Pool], router: Router, lifecycle: Lifecycle, ledger
         raise GatewayError("not_found", f"no endpoint {endpoint!r} in a pool {name!r}")
 
     async def metrics_text(request: web.Request) -> web.Response:
-        return web.Response(body=ledger.exposition(),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return web.Response(body=ledger.exposition(), headers={"Content-Type": EXPOSITION_CONTENT_TYPE})
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -241,8 +241,7 @@ def supervisor_app(*, worker_ports: Sequence[int], metrics_text: Callable[[], by
         return answer
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=metrics_text(),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return web.Response(body=metrics_text(), headers={"Content-Type": EXPOSITION_CONTENT_TYPE})
 
     async def healthz(request: web.Request) -> web.Response:
         workers = alive()

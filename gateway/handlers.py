@@ -26,6 +26,7 @@ from gateway.admission import Admission
 from gateway.auth import KeyRecord, KeyStore
 from gateway.errors import GatewayError
 from gateway.ledger import Ledger
+from gateway.metrics import EXPOSITION_CONTENT_TYPE
 from gateway.relay import Call, Relay, forward_headers
 from gateway.router import BATCH, INTERACTIVE, Router
 from gateway.server import Connection, Request
@@ -147,7 +148,7 @@ class Handlers:
     async def metrics_text(self, request: Request, conn: Connection) -> None:
         if not self.public_metrics:
             raise GatewayError("not_found", "no such path")
-        conn.respond(200, [], self.ledger.exposition(), b"text/plain; version=0.0.4; charset=utf-8")
+        conn.respond(200, [], self.ledger.exposition(), EXPOSITION_CONTENT_TYPE.encode())
 
     async def not_found(self, request: Request, conn: Connection) -> None:
         raise GatewayError("not_found", f"no such path: {request.path.decode('latin-1')[:200]}")
