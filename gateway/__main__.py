@@ -100,8 +100,12 @@ def _supervise(config, config_path: str | None) -> int:
 
     workers = config.workers
     socks = bind_siblings(workers) if config.gossip.between_workers and not config.gossip.peers else []
-    # The secret is drawn anew at every start: only this supervisor's workers ever hold it.
-    env = {**os.environ, config.gossip.secret_env: secrets.token_hex(32)} if socks else None
+    # The secret is drawn anew at every start, and is the only one accepted: only this supervisor's
+    # workers ever hold it.
+    env = None
+    if socks:
+        env = {**os.environ, config.gossip.secret_env: secrets.token_hex(32)}
+        env.pop(config.gossip.also_accepted_env, None)
     ports = tuple(sock.getsockname()[1] for sock in socks)
     admin_socks = [bind_worker_admin() for _ in range(workers)]
 

@@ -20,7 +20,7 @@ from gateway.admission import Admission
 from gateway.auth import KeyFileError, KeyStore, pepper_from_env
 from gateway.discovery import Discovery
 from gateway.errors import GatewayError
-from gateway.gossip import Gossip, Siblings, secret_from_env
+from gateway.gossip import Gossip, Siblings, secrets_from_env
 from gateway.handlers import Handlers, Lifecycle
 from gateway.health import HealthChecker
 from gateway.ledger import Ledger
@@ -53,7 +53,7 @@ class Gateway:
         self.upstream = Upstream(s.timeouts.connect_s, s.limits.upstream_idle_per_endpoint,
                                  self.metrics.upstream_connects.inc)
         # Before anything keeps a pool's policy: sharing wraps the affinity policies.
-        self.gossip = (Gossip(s.gossip, self.pools, self.metrics, secret_from_env(s.gossip.secret_env),
+        self.gossip = (Gossip(s.gossip, self.pools, self.metrics, secrets_from_env(s.gossip),
                               s.discovery.interval_s, worker, s.workers, siblings)
                        if s.gossip.peers or siblings else None)
         self.router = Router(self.pools, r)

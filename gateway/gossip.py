@@ -45,6 +45,14 @@ the secret in the environment variable ``gossip.secret_env``; the gateway will n
 but no secret. A datagram with a wrong tag or a malformed body is dropped and counted; a placement
 naming a pool or endpoint this process does not have is ignored (mid-rollout configs differ).
 
+Rotating the secret. Processes that hold different secrets drop each other's datagrams, and a
+rolling update runs old and new pods side by side. So a process also accepts datagrams signed with
+the secret in ``gossip.also_accepted_env``, if set, and never signs with it. Three rolling updates
+then replace the secret with none dropped: accept the new secret; sign with the new one and accept
+the old; stop accepting the old. At every moment of each, every process accepts what every other
+signs. Only a datagram under the second secret pays for a second HMAC: 3 µs for 1 KB, 15 µs for
+a full 8 KB datagram (``timeit``).
+
 Cost. Per request sent: about 0.3 µs to queue its placement and 0.4 µs to encode and sign it, then
 one ``sendto`` per peer for every ``gossip.max_datagram_bytes`` of placements (a placement is about
 20 bytes plus 9 per prompt block, at most 128 blocks with the default prefix cap). Per placement
@@ -73,7 +81,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import msgspec
@@ -126,10 +134,13 @@ class Datagram(msgspec.Struct, array_like=True):
 
 
 class Codec:
-    """Signed msgpack datagrams: ``tag (16 bytes) || msgpack(Datagram)``."""
+    """Signed msgpack datagrams: ``tag (16 bytes) || msgpack(Datagram)``, signed with the first of
+    ``secrets`` and accepted under any of them (module docstring, "Trust")."""
 
-    def __init__(self, secret: bytes, max_datagram_bytes: int):
-        self.secret = secret
+    def __init__(self, secrets: Sequence[bytes], max_datagram_bytes: int):
+        if not secrets:
+            raise ValueError("a codec needs at least one secret")
+        self.secrets = tuple(secrets)
         self.max_datagram_bytes = max_datagram_bytes
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(Datagram).decode
@@ -158,19 +169,24 @@ class Codec:
     def decode(self, data: bytes) -> Datagram:
         """The datagram, or ``ValueError`` naming why it is refused (``signature``, ``malformed``)."""
         tag, body = data[:TAG_BYTES], data[TAG_BYTES:]
-        if len(tag) < TAG_BYTES or not hmac.compare_digest(tag, self._tag(body)):
+        if len(tag) < TAG_BYTES or not any(hmac.compare_digest(tag, _tag(secret, body))
+                                            for secret in self.secrets):
             raise ValueError("signature")
         try:
             return self._decode(body)
         except msgspec.DecodeError:
             raise ValueError("malformed") from None
 
-    def _seal(self, datagram: Datagram) -> bytes:
-        body = self._encode(datagram)
-        return self._tag(body) + body
+    def sign(self, body: bytes) -> bytes:
+        """``body`` (msgpack) as a datagram: its tag under the first secret, then the body."""
+        return _tag(self.secrets[0], body) + body
 
-    def _tag(self, body: bytes) -> bytes:
-        return hmac.new(self.secret, body, hashlib.sha256).digest()[:TAG_BYTES]
+    def _seal(self, datagram: Datagram) -> bytes:
+        return self.sign(self._encode(datagram))
+
+
+def _tag(secret: bytes, body: bytes) -> bytes:
+    return hmac.new(secret, body, hashlib.sha256).digest()[:TAG_BYTES]
 
 
 def _batches(sized: list[tuple[Any, int]], room: int) -> Iterator[list[Any]]:
@@ -252,7 +268,7 @@ class Siblings(msgspec.Struct, frozen=True):
 class Gossip(asyncio.DatagramProtocol):
     """The UDP listener, the peer list and the outbox of one process (module docstring)."""
 
-    def __init__(self, config: GossipConfig, pools: list[Pool], metrics: Metrics, secret: bytes,
+    def __init__(self, config: GossipConfig, pools: list[Pool], metrics: Metrics, secrets: Sequence[bytes],
                  refresh_s: float, worker: int = 0, workers: int = 1, siblings: Siblings | None = None):
         self.config = config
         self.metrics = metrics
@@ -261,7 +277,7 @@ class Gossip(asyncio.DatagramProtocol):
         self.workers = workers
         self.siblings = siblings
         self.sender = random.getrandbits(63)
-        self.codec = Codec(secret, config.max_datagram_bytes)
+        self.codec = Codec(secrets, config.max_datagram_bytes)
         self.outbox = Outbox(config.interval_s, self._send)
         self.peers: list[tuple[str, int]] = []
         self._policies: dict[str, Policy] = {}
@@ -463,12 +479,18 @@ def bind_siblings(workers: int) -> list[socket.socket]:
     return socks
 
 
-def secret_from_env(name: str, environ: dict[str, str] | None = None) -> bytes:
-    """The gossip secret; ``SystemExit`` naming the variable when it is missing or short."""
-    value = (os.environ if environ is None else environ).get(name, "")
-    if len(value.encode()) < MIN_SECRET_BYTES:
-        raise SystemExit(f"edge-gateway: `gossip.peers` is set, so environment variable {name} must hold "
-                         f"the gossip secret shared by all gateway processes (at least {MIN_SECRET_BYTES} bytes)")
-    return value.encode()
+def secrets_from_env(config: GossipConfig, environ: dict[str, str] | None = None) -> list[bytes]:
+    """The secret that signs, then the one also accepted if set; ``SystemExit`` naming the variable
+    when the first is missing or either is short."""
+    environ = os.environ if environ is None else environ
+    secret = environ.get(config.secret_env, "").encode()
+    if len(secret) < MIN_SECRET_BYTES:
+        raise SystemExit(f"edge-gateway: `gossip.peers` is set, so environment variable {config.secret_env} must "
+                         f"hold the gossip secret shared by all gateway processes (at least {MIN_SECRET_BYTES} bytes)")
+    also = environ.get(config.also_accepted_env, "").encode()
+    if also and len(also) < MIN_SECRET_BYTES:
+        raise SystemExit(f"edge-gateway: environment variable {config.also_accepted_env} holds a gossip secret "
+                         f"shorter than {MIN_SECRET_BYTES} bytes")
+    return [secret, also] if also else [secret]
 
 

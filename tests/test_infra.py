@@ -217,8 +217,11 @@ def test_gateway_pods_gossip_with_every_pod_of_their_deployment_on_a_port_only_t
     (container_port,) = [p for p in container["ports"] if p["name"] == svc_port["targetPort"]]
     assert container_port["containerPort"] == port and container_port["protocol"] == "UDP"
     assert config.workers == 1, "worker i would listen on port + i, which the Service does not name"
-    secret = [e for e in container["env"] if e["name"] == config.gossip.secret_env]
-    assert secret and secret[0]["valueFrom"]["secretKeyRef"], "the gossip secret comes from a Secret"
+    env = {e["name"]: e for e in container["env"]}
+    secret = env[config.gossip.secret_env]["valueFrom"]["secretKeyRef"]
+    also = env[config.gossip.also_accepted_env]["valueFrom"]["secretKeyRef"]
+    assert also["name"] == secret["name"], "both gossip secrets come from one Secret, rotated in one place"
+    assert also["optional"] and not secret.get("optional"), "only the secret a rotation adds may be absent"
     (policy,) = find("NetworkPolicy", "edge-gateway")
     (rule,) = [r for r in policy["spec"]["ingress"] if {"port": port, "protocol": "UDP"} in r.get("ports", [])]
     assert rule["from"] == [{"podSelector": {"matchLabels": policy["spec"]["podSelector"]["matchLabels"]}}]

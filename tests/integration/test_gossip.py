@@ -82,15 +82,44 @@ def client(gw) -> openai.OpenAI:
 
 def test_a_session_placed_by_one_gateway_is_followed_by_its_peer(pair):
     sim, first, second, _ = pair
-    session = "conversation-7"
+    assert_followed(sim, first, second, "conversation-7")
+
+
+def test_gateways_halfway_through_a_secret_rotation_share_placements_both_ways(simulator, gateway, monkeypatch):
+    """The moment of a rotation's second rolling update: the new pod signs with the new secret and
+    still accepts the old; the old pod signs with the old one and already accepts the new."""
+    old, new = "the-old-gossip-secret-0123", "the-new-gossip-secret-0123"
+    for name, value in (("OLD_POD_SIGNS", old), ("OLD_POD_ACCEPTS", new), ("NEW_POD_SIGNS", new),
+                        ("NEW_POD_ACCEPTS", old)):
+        monkeypatch.setenv(name, value)
+    sim = simulator("sglang", replicas=2)
+    ports = [free_ports(), free_ports()]
+    peers = ", ".join(f'"127.0.0.1:{p}"' for p in ports)
+    old_pod, new_pod = (
+        gateway(FAST_HEALTH + "[routing]\nendpoint_header = true\n"
+                f'[gossip]\nhost = "127.0.0.1"\nport = {port}\npeers = [{peers}]\ninterval_s = 0.01\n'
+                f'secret_env = "{pod}_SIGNS"\nalso_accepted_env = "{pod}_ACCEPTS"\n'
+                + pool_toml("s", "sglang", "interactive", sim.urls))
+        for port, pod in zip(ports, ("OLD_POD", "NEW_POD")))
+    assert_followed(sim, old_pod, new_pod, "conversation-9")
+    before = received(old_pod)
+    client(new_pod).completions.create(model=MODEL, prompt=SYSTEM, max_tokens=4)
+    wait_received(old_pod, before + 1)
+    for gw in (old_pod, new_pod):
+        assert metric(gw, 'gateway_gossip_datagrams_dropped_total{reason="signature"}') == 0
+
+
+def assert_followed(sim, first, second, session: str) -> None:
+    """The first gateway places a new session off its ring owner; the second follows it there."""
     owner = ring_owner(sim, affinity.key_hash(session))
     (elsewhere,) = {f"127.0.0.1:{p}" for p in sim.ports} - {owner}
     eject(first, owner)  # the first gateway places the new session on the other replica
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Which ship came first?"}]
+    before = received(second)
     raw = client(first).chat.completions.with_raw_response.create(
         model=MODEL, messages=messages, max_tokens=8, extra_headers={"X-Session-ID": session})
     assert raw.headers["x-gateway-endpoint"] == elsewhere
-    wait_received(second, 1)
+    wait_received(second, before + 1)
 
     # The second gateway never saw the session; without gossip it would presume it on its ring owner.
     messages += [{"role": "assistant", "content": raw.parse().choices[0].message.content},
@@ -205,7 +234,7 @@ def test_a_datagram_not_signed_with_the_shared_secret_changes_no_placement(pair)
     session = "conversation-8"
     owner = ring_owner(sim, affinity.key_hash(session))
     (elsewhere,) = {f"127.0.0.1:{p}" for p in sim.ports} - {owner}
-    forged = next(Codec(b"not-the-secret-at-all", 8192).encode(1, [
+    forged = next(Codec([b"not-the-secret-at-all"], 8192).encode(1, [
         Placement("s", elsewhere, [], affinity.key_hash(session))]))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
         udp.sendto(forged, ("127.0.0.1", ports[1]))
@@ -233,6 +262,15 @@ def test_the_workers_of_one_gateway_share_placements_through_their_peers(simulat
 
 
 def test_the_workers_of_one_gateway_share_placements_with_nothing_configured(simulator, gateway):
+    sim = simulator("sglang", replicas=2)
+    gw = gateway(FAST_HEALTH + pool_toml("s", "sglang", "interactive", sim.urls), workers=2)
+    assert_workers_share(gw)
+
+
+def test_workers_sharing_among_themselves_accept_only_the_secret_their_supervisor_drew(simulator, gateway,
+                                                                                       monkeypatch):
+    # Meant for pods with peers; were it passed on, this one (too short) would stop the workers.
+    monkeypatch.setenv("EDGE_GATEWAY_GOSSIP_SECRET_ALSO_ACCEPTED", "short")
     sim = simulator("sglang", replicas=2)
     gw = gateway(FAST_HEALTH + pool_toml("s", "sglang", "interactive", sim.urls), workers=2)
     assert_workers_share(gw)
