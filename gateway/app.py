@@ -78,6 +78,7 @@ class Gateway:
                 b"/v1/chat/completions": {b"POST": h.chat_completions},
                 b"/v1/completions": {b"POST": h.completions},
                 b"/v1/models": {b"GET": h.models_list},
+                b"/v1/models/": {b"GET": h.models_retrieve},
                 b"/healthz": {b"GET": h.healthz},
                 b"/readyz": {b"GET": h.readyz},
                 b"/metrics": {b"GET": h.metrics_text},

@@ -18,6 +18,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterator
+from urllib.parse import unquote_to_bytes
 
 import orjson
 
@@ -58,8 +59,9 @@ class Handlers:
         self.models = models
         self.public_metrics = public_metrics
         self._request_ids = _request_ids()
-        self._models_body = orjson.dumps({"object": "list", "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": "edge-gateway"} for m in models]})
+        self._model_bodies = {m: orjson.dumps({"id": m, "object": "model", "created": 0, "owned_by": "edge-gateway"})
+                              for m in models}
+        self._models_body = b'{"object":"list","data":[' + b",".join(self._model_bodies.values()) + b"]}"
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -137,6 +139,14 @@ class Handlers:
 
     async def models_list(self, request: Request, conn: Connection) -> None:
         conn.respond(200, [], self._models_body)
+
+    async def models_retrieve(self, request: Request, conn: Connection) -> None:
+        # The SDKs percent-encode the id (a "/" in "org/model" arrives as %2F); curl may not.
+        model = unquote_to_bytes(request.path[len(b"/v1/models/"):]).decode("utf-8", "replace")
+        body = self._model_bodies.get(model)
+        if body is None:
+            raise GatewayError("model_not_found", f"The model `{model[:200]}` does not exist.", "model")
+        conn.respond(200, [], body)
 
     async def healthz(self, request: Request, conn: Connection) -> None:
         conn.respond(200, [], b'{"status":"ok"}')

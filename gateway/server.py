@@ -52,7 +52,7 @@ class Request:
 
 
 Handler = Callable[[Request, "Connection"], Awaitable[None]]
-# path -> method -> handler
+# path -> method -> handler; a path ending in "/" also serves every path below it (a resource id).
 Routes = dict[bytes, dict[bytes, Handler]]
 
 
@@ -69,6 +69,7 @@ class HttpServer:
     def __init__(self, routes: Routes, limits: Limits, timeouts: Timeouts,
                  not_found: Handler, on_crash: Callable[[BaseException], None] | None = None):
         self.routes = routes
+        self.subtrees = [(path, methods) for path, methods in routes.items() if path.endswith(b"/")]
         self.limits = limits
         self.timeouts = timeouts
         self.not_found = not_found
@@ -77,6 +78,13 @@ class HttpServer:
         self.closing = False
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task | None = None
+
+    def subtree(self, path: bytes) -> dict[bytes, Handler] | None:
+        """The methods of the route whose subtree holds ``path``, if any (only unknown paths ask)."""
+        for prefix, methods in self.subtrees:
+            if path.startswith(prefix) and len(path) > len(prefix):
+                return methods
+        return None
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         loop = asyncio.get_running_loop()
@@ -289,7 +297,7 @@ class Connection(asyncio.Protocol):
     def _dispatch(self, request: Request) -> None:
         self.started = False
         self.keep_alive = request.keep_alive and not self.server.closing
-        methods = self.server.routes.get(request.path)
+        methods = self.server.routes.get(request.path) or self.server.subtree(request.path)
         if methods is None:
             handler = self.server.not_found
         else:

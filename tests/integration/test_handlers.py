@@ -8,7 +8,7 @@ import socket
 import openai
 import pytest
 
-from tests.conftest import FAST_HEALTH, MODEL, http_get, pool_toml
+from tests.conftest import FAST_HEALTH, MODEL, http_get, http_post_json, pool_toml
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three rivers."}]
 
@@ -99,6 +99,25 @@ def test_models_lists_every_configured_model_in_openai_shape(stack):
     _, gw = stack
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)
     assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_a_model_is_retrieved_by_its_id_with_or_without_a_slash_and_an_unknown_one_is_model_not_found(
+        simulator, gateway):
+    sim = simulator("sglang", replicas=1)
+    org_model = "meta-llama/Llama-3.1-8B-Instruct"
+    gw = gateway(FAST_HEALTH + pool_toml("sglang", "sglang", "interactive", sim.urls).replace(
+        f'models = ["{MODEL}"]', f'models = ["{MODEL}", "{org_model}"]'))
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)
+    for model in (MODEL, org_model):  # the SDK sends the slash percent-encoded
+        found = client.models.retrieve(model)
+        assert (found.id, found.object) == (model, "model")
+    status, body = http_get(f"{gw.url}/v1/models/{org_model}")  # as curl sends it
+    assert status == 200 and json.loads(body)["id"] == org_model
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("llama-3.1-8b-typo")
+    assert (missing.value.code, missing.value.param) == ("model_not_found", "model")
+    status, body = http_post_json(f"{gw.url}/v1/models/{MODEL}", {})
+    assert status == 405 and json.loads(body)["error"]["code"] == "method_not_allowed"
 
 
 def test_healthz_and_readyz_answer_on_public_and_admin_listeners(stack):
