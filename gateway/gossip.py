@@ -32,7 +32,9 @@ requests in flight per endpoint, when they changed since its last report and at 
 
 Peers. ``gossip.peers`` lists ``host:port`` entries; a host name (in Kubernetes, the gateway's
 headless Service) is resolved through the system resolver every ``discovery.interval_s`` and stands
-for all its addresses. With ``--workers N`` worker ``i`` listens on ``gossip.port + i`` and sends to
+for all its addresses: IPv4 ones while ``gossip.host`` is an IPv4 address (the default), IPv6 and
+IPv4 ones when it is an IPv6 address such as ``::``, where the socket is dual stack (IPv6-only and
+dual-stack clusters; IPv4 peers are sent to as ``::ffff:a.b.c.d``). With ``--workers N`` worker ``i`` listens on ``gossip.port + i`` and sends to
 ports ``port .. port + N - 1`` of every peer address, so workers of one pod share as pods do. A
 process finds itself among its peers and drops its own datagrams by sender id. Without peers, the
 workers of one supervisor still share (``gossip.between_workers``): the supervisor binds one
@@ -90,7 +92,7 @@ from gateway.metrics import Metrics
 from gateway.picker import Policy, RouteKeys
 from gateway.pool import Endpoint, Pool
 from gateway.settings import Gossip as GossipConfig
-from gateway.settings import peer_address
+from gateway.settings import is_ipv6, peer_address
 
 log = logging.getLogger("gateway.gossip")
 
@@ -271,6 +273,8 @@ class Gossip(asyncio.DatagramProtocol):
     def __init__(self, config: GossipConfig, pools: list[Pool], metrics: Metrics, secrets: Sequence[bytes],
                  refresh_s: float, worker: int = 0, workers: int = 1, siblings: Siblings | None = None):
         self.config = config
+        # Listening on IPv6 and IPv4 both: peers are looked up in both, and IPv4 ones sent to as mapped.
+        self.dual_stack = is_ipv6(config.host)
         self.metrics = metrics
         self.refresh_s = refresh_s
         self.port = config.port + worker
@@ -304,7 +308,7 @@ class Gossip(asyncio.DatagramProtocol):
             self.metrics.gossip_peers.set(len(self.peers))
         else:
             self._transport, _ = await loop.create_datagram_endpoint(
-                lambda: self, local_addr=(self.config.host, self.port), family=socket.AF_INET)
+                lambda: self, sock=listener(self.config.host, self.port))
             await self.refresh_peers()
             self._tasks.append(loop.create_task(self._refresh_loop()))
         self._tasks.append(loop.create_task(self._load_loop()))
@@ -438,7 +442,10 @@ class Gossip(asyncio.DatagramProtocol):
             host, port = address
             try:
                 ips = [host] if _is_ip(host) else sorted({info[4][0] for info in await loop.getaddrinfo(
-                    host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM)})
+                    host, port, family=socket.AF_UNSPEC if self.dual_stack else socket.AF_INET,
+                    type=socket.SOCK_DGRAM)})
+                if self.dual_stack:
+                    ips = [_mapped(ip) for ip in ips]
             except OSError as e:
                 failed.append((entry, str(e)))
                 ips = sorted({ip for ip, p in self.peers if port <= p < port + self.workers})
@@ -458,6 +465,26 @@ class Gossip(asyncio.DatagramProtocol):
         while True:
             await asyncio.sleep(self.refresh_s)
             await self.refresh_peers()
+
+
+def listener(host: str, port: int) -> socket.socket:
+    """The gossip socket: on an IPv6 address ("::") dual stack, so that IPv4 peers reach it too."""
+    if not is_ipv6(host):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    else:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _mapped(ip: str) -> str:
+    """An address as a dual-stack socket sends to it: an IPv4 one as ``::ffff:a.b.c.d``."""
+    return f"::ffff:{ip}" if "." in ip and ":" not in ip else ip
 
 
 def _is_ip(host: str) -> bool:

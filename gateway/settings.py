@@ -175,6 +175,8 @@ class Gossip(_Section):
     # the supervisor binds, signed with a secret it draws at start: nothing to configure, no port
     # to reserve. With `peers`, workers share through those instead.
     between_workers: bool = True
+    # An IPv6 address ("::") listens on IPv6 and IPv4 both, and reaches peers by either (IPv6-only
+    # and dual-stack clusters); an IPv4 one reaches IPv4 peers only.
     host: str = "0.0.0.0"
     # UDP; with --workers N, worker i listens on port + i.
     port: int = 7946
@@ -389,8 +391,12 @@ def _validate(s: Settings) -> None:
     if not 512 <= g.max_datagram_bytes <= 65000:
         raise bad("gossip.max_datagram_bytes", f"must be between 512 and 65000, got {g.max_datagram_bytes}")
     for i, entry in enumerate(g.peers):
-        if peer_address(entry) is None:
-            raise bad(f"gossip.peers[{i}]", f"must look like host:port, got {entry!r}")
+        address = peer_address(entry)
+        if address is None:
+            raise bad(f"gossip.peers[{i}]", f"must look like host:port ([address]:port for IPv6), got {entry!r}")
+        if is_ipv6(address[0]) and not is_ipv6(g.host):
+            raise bad(f"gossip.peers[{i}]", f"is an IPv6 address, which needs gossip.host to be one too "
+                      f"(\"::\" listens on IPv6 and IPv4), got host {g.host!r}")
     for i, server in enumerate(s.discovery.nameservers):
         if nameserver(server) is None:
             raise bad(f"discovery.nameservers[{i}]", f"must be an IP address, optionally with :port, got {server!r}")
@@ -403,12 +409,23 @@ def _is_srv_name(name: str) -> bool:
 
 
 def peer_address(entry: str) -> tuple[str, int] | None:
-    """(host, port) of a `gossip.peers` entry ("10.0.0.7:7946", "edge-gateway-peers.inference:7946"),
-    or None if it is not one."""
+    """(host, port) of a `gossip.peers` entry ("10.0.0.7:7946", "[fd00::7]:7946",
+    "edge-gateway-peers.inference:7946"), or None if it is not one."""
     host, sep, port = entry.rpartition(":")
+    if host.startswith("[") and host.endswith("]") and is_ipv6(host[1:-1]):
+        host = host[1:-1]
+    elif ":" in host:  # an IPv6 address without brackets: where its port starts is a guess
+        return None
     if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
         return None
     return host, int(port)
+
+
+def is_ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
 
 
 def nameserver(server: str) -> tuple[str, int] | None:

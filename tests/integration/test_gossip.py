@@ -35,15 +35,20 @@ def pair(simulator, gateway, monkeypatch):
     return gossiping_pair(simulator, gateway, monkeypatch)
 
 
-def gossiping_pair(simulator, gateway, monkeypatch, health: str = "", faults: tuple[str, ...] = ()):
-    """``health``: more [health] settings; ``faults``: simulator fault flags."""
+def gossiping_pair(simulator, gateway, monkeypatch, health: str = "", faults: tuple[str, ...] = (),
+                   host: str = "127.0.0.1", addresses: tuple[str, str] = ("127.0.0.1", "127.0.0.1"),
+                   own: tuple[str, str] = ("", "")):
+    """``health``: more [health] settings; ``faults``: simulator fault flags; ``host``: both
+    listeners' address; ``addresses``: how the peer list names each gateway; ``own``: more [gossip]
+    settings of each gateway."""
     monkeypatch.setenv("EDGE_GATEWAY_GOSSIP_SECRET", SECRET)  # inherited by the gateway processes
     sim = simulator("sglang", replicas=2, extra=list(faults))
     ports = [free_ports(), free_ports()]
-    peers = ", ".join(f'"127.0.0.1:{p}"' for p in ports)
+    peers = ", ".join(f'"{address}:{p}"' for address, p in zip(addresses, ports))
     gateways = [gateway(FAST_HEALTH + health + "[routing]\nendpoint_header = true\n"
-                        f'[gossip]\nhost = "127.0.0.1"\nport = {port}\npeers = [{peers}]\ninterval_s = 0.01\n'
-                        + pool_toml("s", "sglang", "interactive", sim.urls)) for port in ports]
+                        f'[gossip]\nhost = "{host}"\nport = {port}\npeers = [{peers}]\ninterval_s = 0.01\n'
+                        + settings + pool_toml("s", "sglang", "interactive", sim.urls))
+                for port, settings in zip(ports, own)]
     return sim, gateways[0], gateways[1], ports
 
 
@@ -92,21 +97,27 @@ def test_gateways_halfway_through_a_secret_rotation_share_placements_both_ways(s
     for name, value in (("OLD_POD_SIGNS", old), ("OLD_POD_ACCEPTS", new), ("NEW_POD_SIGNS", new),
                         ("NEW_POD_ACCEPTS", old)):
         monkeypatch.setenv(name, value)
-    sim = simulator("sglang", replicas=2)
-    ports = [free_ports(), free_ports()]
-    peers = ", ".join(f'"127.0.0.1:{p}"' for p in ports)
-    old_pod, new_pod = (
-        gateway(FAST_HEALTH + "[routing]\nendpoint_header = true\n"
-                f'[gossip]\nhost = "127.0.0.1"\nport = {port}\npeers = [{peers}]\ninterval_s = 0.01\n'
-                f'secret_env = "{pod}_SIGNS"\nalso_accepted_env = "{pod}_ACCEPTS"\n'
-                + pool_toml("s", "sglang", "interactive", sim.urls))
-        for port, pod in zip(ports, ("OLD_POD", "NEW_POD")))
-    assert_followed(sim, old_pod, new_pod, "conversation-9")
-    before = received(old_pod)
-    client(new_pod).completions.create(model=MODEL, prompt=SYSTEM, max_tokens=4)
-    wait_received(old_pod, before + 1)
+    sim, old_pod, new_pod, _ = gossiping_pair(simulator, gateway, monkeypatch, own=tuple(
+        f'secret_env = "{pod}_SIGNS"\nalso_accepted_env = "{pod}_ACCEPTS"\n' for pod in ("OLD_POD", "NEW_POD")))
+    assert_shared_both_ways(sim, old_pod, new_pod, "conversation-9")
     for gw in (old_pod, new_pod):
         assert metric(gw, 'gateway_gossip_datagrams_dropped_total{reason="signature"}') == 0
+
+
+def test_gateways_listening_on_ipv6_share_placements_with_peers_named_by_ipv6_and_ipv4_addresses(
+        simulator, gateway, monkeypatch):
+    # Dual stack: the second is reached by its IPv4 address, through the first's IPv6 socket.
+    sim, first, second, _ = gossiping_pair(simulator, gateway, monkeypatch, host="::",
+                                           addresses=("[::1]", "127.0.0.1"))
+    assert_shared_both_ways(sim, first, second, "conversation-11")
+
+
+def assert_shared_both_ways(sim, first, second, session: str) -> None:
+    """The second follows a session the first placed, and the first hears of what the second sends."""
+    assert_followed(sim, first, second, session)
+    before = received(first)
+    client(second).completions.create(model=MODEL, prompt=SYSTEM, max_tokens=4)
+    wait_received(first, before + 1)
 
 
 def assert_followed(sim, first, second, session: str) -> None:

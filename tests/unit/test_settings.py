@@ -45,6 +45,13 @@ def test_a_pool_may_take_its_replicas_from_a_dns_srv_name_instead_of_a_list(tmp_
     assert [settings.nameserver(n) for n in s.discovery.nameservers] == [("10.96.0.10", 53), ("fd00::a", 5353)]
 
 
+def test_gossip_peers_may_be_ipv6_addresses_in_brackets_once_the_listener_is_ipv6(tmp_path):
+    peers = '["[fd00::7]:7946", "10.0.0.8:7946", "edge-gateway-peers.edge-gateway:7946"]'
+    s = settings.load(write(tmp_path, POOL + f'[gossip]\nhost = "::"\npeers = {peers}\n'), environ={})
+    assert [settings.peer_address(p) for p in s.gossip.peers] == [
+        ("fd00::7", 7946), ("10.0.0.8", 7946), ("edge-gateway-peers.edge-gateway", 7946)]
+
+
 def test_settings_are_frozen(tmp_path):
     s = settings.load(write(tmp_path, POOL), environ={})
     with pytest.raises(AttributeError):
@@ -87,6 +94,8 @@ def test_environment_overrides_nested_keys_and_list_items(tmp_path):
     ('[discovery]\ninterval_s = 0\n', "discovery.interval_s"),
     ('[gossip]\npeers = ["10.0.0.7"]\n', "gossip.peers[0]"),
     ('[gossip]\npeers = ["gateways.inference:http"]\n', "gossip.peers[0]"),
+    ('[gossip]\npeers = ["fd00::7:7946"]\n', "gossip.peers[0]"),
+    ('[gossip]\npeers = ["[fd00::7]:7946"]\n', "gossip.peers[0]"),  # an IPv6 peer, an IPv4 listener
     ('workers = 4\n[gossip]\nport = 65534\n', "gossip.port"),
     ('[gossip]\ninterval_s = 0\n', "gossip.interval_s"),
     ('[gossip]\nmax_datagram_bytes = 100\n', "gossip.max_datagram_bytes"),
