@@ -21,9 +21,10 @@ class Endpoint:
 
     def __init__(self, url: str, pool: str):
         parts = urlsplit(url)
-        self.id = f"{parts.hostname}:{parts.port}"
-        self.pool = pool
         self.host = parts.hostname or ""
+        # As the URL writes it: an IPv6 address in brackets, so that the port stays readable.
+        self.id = f"[{self.host}]:{parts.port}" if ":" in self.host else f"{self.host}:{parts.port}"
+        self.pool = pool
         self.port = parts.port or 80
         self.in_flight = 0
         self.healthy = False  # until the first health check passes

@@ -120,6 +120,17 @@ def test_a_model_is_retrieved_by_its_id_with_or_without_a_slash_and_an_unknown_o
     assert status == 405 and json.loads(body)["error"]["code"] == "method_not_allowed"
 
 
+def test_an_engine_at_an_ipv6_address_is_health_checked_and_served(simulator, gateway):
+    sim = simulator("sglang", replicas=1, extra=["--host", "::1"])
+    endpoint = f"[::1]:{sim.ports[0]}"
+    gw = gateway(FAST_HEALTH + "[routing]\nendpoint_header = true\n"
+                 + pool_toml("sglang", "sglang", "interactive", [f"http://{endpoint}"]))  # ready: health passed
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=MESSAGES, max_tokens=4)
+    assert raw.headers["x-gateway-endpoint"] == endpoint
+    assert raw.parse().usage.completion_tokens == 4
+
+
 def test_healthz_and_readyz_answer_on_public_and_admin_listeners(stack):
     _, gw = stack
     for base in (gw.url, gw.admin_url):
