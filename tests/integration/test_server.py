@@ -59,6 +59,23 @@ def test_pipelined_requests_are_answered_in_order(stack):
     assert b"x-request-id: first" in first and b"x-request-id: second" in second
 
 
+def test_a_client_that_expects_100_continue_is_told_to_send_its_body(stack):
+    _, gw = stack
+    head, body = REQUEST.split(b"\r\n\r\n", 1)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+        for _ in range(2):  # and again on the same connection
+            s.sendall(head + b"\r\nExpect: 100-continue\r\n\r\n")
+            interim = b""
+            while not interim.endswith(b"\r\n\r\n"):
+                chunk = s.recv(1)
+                assert chunk, f"connection closed after {interim!r}"
+                interim += chunk
+            assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+            s.sendall(body)
+            (response,) = read_responses(s, 1)
+            assert response.startswith(b"HTTP/1.1 200")
+
+
 def test_upstream_connections_are_reused_across_requests(stack):
     sim, gw = stack
     before = sim.stats(0)["accepted_connections"]
