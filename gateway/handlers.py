@@ -103,7 +103,8 @@ class Handlers:
         if self.lifecycle.draining:
             raise GatewayError("draining", "the gateway is shutting down; retry on another replica")
         call.key_id = key.key_id
-        call.model = decoded.model
+        if decoded.model in self._model_bodies:
+            call.model = decoded.model
         call.stream = decoded.stream
         key.check_model(decoded.model)
         if key.limited:

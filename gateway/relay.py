@@ -70,7 +70,7 @@ class Call:
     few of them, and assigning all thirty per request would cost more than the routing itself.
     """
 
-    model = ""
+    model = ""  # a metric label: a configured model, or "" (a client must not mint label values)
     stream = False
     body = b""
     forward_headers = b""

@@ -39,23 +39,24 @@ class Router:
 
     def route(self, call: Call, header, decoded, text: str, workload: str) -> None:
         """Fill ``call.pool`` and ``call.candidates`` (first = choice, rest = retry fallbacks)."""
-        pools = self.by_model.get(call.model)
+        model = decoded.model
+        pools = self.by_model.get(model)
         if pools is None:
-            raise GatewayError("model_not_found", f"The model `{call.model}` does not exist.", "model")
+            raise GatewayError("model_not_found", f"The model `{model[:200]}` does not exist.", "model")
         call.workload = workload
         pool, spilled = self._pool(pools, workload)
         if pool is None:
-            raise GatewayError("no_healthy_upstream", f"no healthy endpoint serves model `{call.model}`")
+            raise GatewayError("no_healthy_upstream", f"no healthy endpoint serves model `{model}`")
         r = self.routing
         session = self._session(header, decoded)
         keys = RouteKeys(
-            prefix=affinity.prefix_hashes(call.model, text, r.block_chars, r.max_prefix_chars),
+            prefix=affinity.prefix_hashes(model, text, r.block_chars, r.max_prefix_chars),
             session=session, opening=session is not None and _opens_conversation(decoded))
         now = time.monotonic()
         decision = pool.policy.pick(pool.endpoints, keys, now)
         candidates = decision.endpoints
         if not candidates:
-            raise GatewayError("no_healthy_upstream", f"no healthy endpoint serves model `{call.model}`")
+            raise GatewayError("no_healthy_upstream", f"no healthy endpoint serves model `{model}`")
         branch = decision.branch
         first = candidates[0]
         # Slow start: load bounds cap what a returning replica holds, but a lightly loaded replica

@@ -91,6 +91,22 @@ def test_unknown_model_is_404_model_not_found(stack):
     assert sim.stats(0)["requests"] == 0
 
 
+def test_unknown_model_names_mint_no_metric_series(stack):
+    """Each label value is a series held forever, by the gateway and by Prometheus: names a client
+    makes up must not become label values."""
+    _, gw = stack
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)
+    for i in range(3):
+        with pytest.raises(openai.NotFoundError) as e:
+            client.chat.completions.create(model=f"made-up-{i}", messages=CHAT["messages"])
+        assert f"made-up-{i}" in e.value.message  # the client is still told which name is unknown
+    deadline = time.monotonic() + 10
+    while 'gateway_requests_total{endpoint="",model="",pool="",route="chat",status="404"} 3.0' not in gw.metrics():
+        assert time.monotonic() < deadline, "the refusals were not counted"
+        time.sleep(0.05)
+    assert "made-up" not in gw.metrics()
+
+
 def test_body_over_the_limit_is_413_without_reading_it(stack):
     sim, gw = stack
     # Announce 17 MiB, send only the head: the answer must come without the body.

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import auth, keys
+from gateway import auth, keys, protocol
 from gateway.auth import KeyFileError, KeyRecord, KeyStore
 from gateway.errors import GatewayError
 from gateway.relay import Call
@@ -206,10 +206,10 @@ def test_model_outside_the_allowed_list_gets_the_unknown_model_answer_byte_for_b
     record.check_model("m1")
     with pytest.raises(GatewayError) as not_allowed:
         record.check_model("secret-model")
-    call = Call("chat", b"/v1/chat/completions", b"rid", 0.0)
-    call.model = "secret-model"
+    decoded = protocol.decode_completion(b'{"model": "secret-model", "prompt": "hi"}')
     with pytest.raises(GatewayError) as unknown:
-        Router([], Routing()).route(call, {}.get, None, "", "interactive")
+        Router([], Routing()).route(Call("completions", b"/v1/completions", b"rid", 0.0), {}.get, decoded, "",
+                                    "interactive")
     assert not_allowed.value.kind == unknown.value.kind
     assert not_allowed.value.body() == unknown.value.body()
     assert not_allowed.value.headers() == unknown.value.headers()

@@ -27,7 +27,6 @@ def route_chat(messages: list[dict], session: bytes | None, routing: cfg.Routing
     r, _ = router(routing)
     decoded = protocol.decode_chat(orjson.dumps({"model": "m", "messages": messages}))
     call = Call("chat", b"/v1/chat/completions", b"id", 0.0)
-    call.model = "m"
     headers = {b"x-session-id": session} if session is not None else {}
     r.route(call, headers.get, decoded, "text", INTERACTIVE)
     return call
