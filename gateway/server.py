@@ -264,15 +264,14 @@ class Connection(asyncio.Protocol):
                 expect = value
         # RFC 9112 3.2: exactly one Host in HTTP/1.1, at most one in HTTP/1.0; anything else is how
         # requests get routed by one hop and read differently by the next.
-        http_1_0 = self.parser.get_http_version() == "1.0"
-        if hosts > 1 or (hosts == 0 and not http_1_0):
+        if hosts > 1 or (hosts == 0 and self.parser.get_http_version() != "1.0"):
             raise _Reject(GatewayError("bad_http", "a request needs exactly one Host header"))
         # A client that asks first waits before sending the body: curl for bodies over 1 MB, for 1 s;
         # .NET Framework for every POST, for 350 ms. Answered only while no earlier request's
         # response is under way, which the interim answer would cut into; otherwise the client
         # sends the body when its wait runs out (RFC 9110 10.1.1).
-        if (expect is not None and expect.lower() == b"100-continue" and not http_1_0 and self.task is None
-                and self.transport is not None):
+        if (expect is not None and expect.lower() == b"100-continue" and self.task is None
+                and self.transport is not None and self.parser.get_http_version() != "1.0"):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
