@@ -34,13 +34,14 @@ Peers. ``gossip.peers`` lists ``host:port`` entries; a host name (in Kubernetes,
 headless Service) is resolved through the system resolver every ``discovery.interval_s`` and stands
 for all its addresses: IPv4 ones while ``gossip.host`` is an IPv4 address (the default), IPv6 and
 IPv4 ones when it is an IPv6 address such as ``::``, where the socket is dual stack (IPv6-only and
-dual-stack clusters; IPv4 peers are sent to as ``::ffff:a.b.c.d``). With ``--workers N`` worker ``i`` listens on ``gossip.port + i`` and sends to
-ports ``port .. port + N - 1`` of every peer address, so workers of one pod share as pods do. A
-process finds itself among its peers and drops its own datagrams by sender id. Without peers, the
-workers of one supervisor still share (``gossip.between_workers``): the supervisor binds one
-loopback socket per worker before starting any, so no port is configured or raced for, and hands
-each worker its socket and the list of all (:class:`Siblings`). A restarted worker gets the same
-socket, so its siblings need not learn anything.
+dual-stack clusters; IPv4 peers are sent to as ``::ffff:a.b.c.d``). With ``--workers N`` worker
+``i`` listens on ``gossip.port + i`` and sends to ports ``port .. port + N - 1`` of every peer
+address, so workers of one pod share as pods do. A process finds itself among its peers and drops
+its own datagrams by sender id. Without peers, the workers of one supervisor still share
+(``gossip.between_workers``): the supervisor binds one loopback socket per worker before starting
+any, so no port is configured or raced for, and hands each worker its socket and the list of all
+(:class:`Siblings`). A restarted worker gets the same socket, so its siblings need not learn
+anything.
 
 Trust. A datagram changes routing state, so each carries an HMAC-SHA256 tag (16 bytes) keyed with
 the secret in the environment variable ``gossip.secret_env``; the gateway will not start with peers
@@ -140,8 +141,6 @@ class Codec:
     ``secrets`` and accepted under any of them (module docstring, "Trust")."""
 
     def __init__(self, secrets: Sequence[bytes], max_datagram_bytes: int):
-        if not secrets:
-            raise ValueError("a codec needs at least one secret")
         self.secrets = tuple(secrets)
         self.max_datagram_bytes = max_datagram_bytes
         self._encode = msgspec.msgpack.Encoder().encode

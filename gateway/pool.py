@@ -22,7 +22,8 @@ class Endpoint:
     def __init__(self, url: str, pool: str):
         parts = urlsplit(url)
         self.host = parts.hostname or ""
-        # As the URL writes it: an IPv6 address in brackets, so that the port stays readable.
+        # As a URL writes it (an IPv6 address in brackets): health checks and scrapes build their URLs
+        # from it.
         self.id = f"[{self.host}]:{parts.port}" if ":" in self.host else f"{self.host}:{parts.port}"
         self.pool = pool
         self.port = parts.port or 80

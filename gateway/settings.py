@@ -189,7 +189,7 @@ class Gossip(_Section):
     # Environment variable holding the secret that signs datagrams (required with peers).
     secret_env: str = "EDGE_GATEWAY_GOSSIP_SECRET"
     # Environment variable holding a second secret that datagrams are accepted under but never signed
-    # with: what lets the secret be rotated without dropping any (README, "Rotating the secret").
+    # with: what lets the secret be rotated without dropping any (infra/README.md has the steps).
     # Unset or empty: only `secret_env`'s.
     also_accepted_env: str = "EDGE_GATEWAY_GOSSIP_SECRET_ALSO_ACCEPTED"
 
