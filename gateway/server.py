@@ -202,10 +202,37 @@ class Connection(asyncio.Protocol):
             # that keeps this read and the refused body alive until the cyclic GC runs.
             del cause
             self.reject(error)
-        except httptools.HttpParserUpgrade:
-            self.reject(GatewayError("bad_http", "protocol upgrade is not supported"))
+        except httptools.HttpParserUpgrade as e:
+            self._ignore_upgrade(data[e.args[0]:])
         except httptools.HttpParserError as e:
             self.reject(GatewayError("bad_http", f"malformed HTTP request: {e}"))
+
+    def _ignore_upgrade(self, rest: bytes) -> None:
+        """Serve a request that asked for another protocol as the HTTP/1.1 request it also is.
+
+        A server may ignore Upgrade (RFC 9110 7.8), and must here: Java's HttpClient asks every plain
+        ``http://`` server for h2c, and so does ``curl --http2``; refusing them refused those clients.
+        llhttp cannot ignore it: it ends the message at the head, body unread, and hands over the
+        connection. So the head is fed again, without the upgrade, to a fresh parser, then what
+        followed it. CONNECT is an upgrade by its method alone, and is refused.
+        """
+        if self.parser.get_method() == b"CONNECT":
+            self.reject(GatewayError("bad_http", "CONNECT is not supported"))
+            return
+        version = self.parser.get_http_version().encode()
+        head = [self.parser.get_method(), b" ", self._url, b" HTTP/", version, b"\r\n"]
+        for name, value in self._headers:
+            if name in (b"upgrade", b"http2-settings"):
+                continue
+            if name == b"connection":
+                value = b",".join(token for token in value.split(b",")
+                                  if token.strip().lower() not in (b"upgrade", b"http2-settings"))
+                if not value:
+                    continue
+            head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n")
+        self.parser = httptools.HttpRequestParser(self)
+        self.data_received(b"".join(head) + rest)
 
     def eof_received(self) -> bool:
         return False  # half-closed clients are gone clients: close and cancel their work
@@ -289,6 +316,8 @@ class Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self.parser.should_upgrade():
+            return  # llhttp stopped at the head, leaving the body unread: _ignore_upgrade reads it
         path = self._url.split(b"?", 1)[0]
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         self._release_body()

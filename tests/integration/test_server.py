@@ -76,6 +76,31 @@ def test_a_client_that_expects_100_continue_is_told_to_send_its_body(stack):
             assert response.startswith(b"HTTP/1.1 200")
 
 
+def test_a_request_asking_to_upgrade_to_h2c_is_served_over_http_1_1_body_and_all(stack):
+    # What Java's HttpClient sends to every plain http:// server, and curl --http2.
+    h2c = b"Host: gw\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n"
+    sim, gw = stack
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+        s.sendall(REQUEST.replace(b"Host: gw\r\n", h2c))
+        (response,) = read_responses(s, 1)
+        assert response.startswith(b"HTTP/1.1 200")  # not 101: the upgrade is ignored
+        s.sendall(b"GET /v1/models HTTP/1.1\r\n" + h2c + b"\r\n" + REQUEST)  # no body, then another request
+        listed, answered = read_responses(s, 2)
+        assert listed.startswith(b"HTTP/1.1 200") and MODEL.encode() in listed
+        assert answered.startswith(b"HTTP/1.1 200")
+    forwarded = sim.requests(0)[-2:]
+    assert [json.loads(r["body"])["messages"] for r in forwarded] == [json.loads(BODY)["messages"]] * 2
+    assert not any(name.lower() in ("upgrade", "http2-settings") for r in forwarded for name in r["headers"])
+
+
+def test_connect_is_refused_with_400(stack):
+    _, gw = stack
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+        s.sendall(b"CONNECT engine:443 HTTP/1.1\r\nHost: engine:443\r\n\r\n")
+        (response,) = read_responses(s, 1)
+    assert response.startswith(b"HTTP/1.1 400") and b"CONNECT is not supported" in response
+
+
 def test_upstream_connections_are_reused_across_requests(stack):
     sim, gw = stack
     before = sim.stats(0)["accepted_connections"]
