@@ -52,7 +52,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, model_not_found
 
 PEPPER_ENV = "EDGE_GATEWAY_KEY_PEPPER"
 MIN_PEPPER_BYTES = 16
@@ -103,7 +103,7 @@ class KeyRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only
         """Refuse a model this key may not use with the very answer an unknown model gets
         (see ``router.py``), so a key cannot probe which models exist."""
         if self.models is not None and model not in self.models:
-            raise GatewayError("model_not_found", f"The model `{model[:200]}` does not exist.", "model")
+            raise model_not_found(model)
 
     def check_admin(self) -> None:
         if self.role != "admin":

@@ -105,6 +105,12 @@ class EngineError(GatewayError):
         return self._body
 
 
+def model_not_found(model: str) -> GatewayError:
+    """One answer for a model no pool serves, a model a key may not use, and a model looked up by id,
+    so that a key cannot tell them apart (the name is cut at 200 characters: the client wrote it)."""
+    return GatewayError("model_not_found", f"The model `{model[:200]}` does not exist.", "model")
+
+
 def upstream_failure(reason: str, detail: str) -> GatewayError:
     """Every attempt failed before the commit point, the last one for ``reason``."""
     if reason == "first_byte_timeout":

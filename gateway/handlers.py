@@ -25,7 +25,7 @@ import orjson
 from gateway import affinity, limits, protocol
 from gateway.admission import Admission
 from gateway.auth import KeyRecord, KeyStore
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, model_not_found
 from gateway.ledger import Ledger
 from gateway.metrics import EXPOSITION_CONTENT_TYPE
 from gateway.relay import Call, Relay, forward_headers
@@ -56,7 +56,6 @@ class Handlers:
         self.relay = relay
         self.ledger = ledger
         self.lifecycle = lifecycle
-        self.models = models
         self.public_metrics = public_metrics
         self._request_ids = _request_ids()
         self._model_bodies = {m: orjson.dumps({"id": m, "object": "model", "created": 0, "owned_by": "edge-gateway"})
@@ -146,7 +145,7 @@ class Handlers:
         model = unquote_to_bytes(request.path[len(b"/v1/models/"):]).decode("utf-8", "replace")
         body = self._model_bodies.get(model)
         if body is None:
-            raise GatewayError("model_not_found", f"The model `{model[:200]}` does not exist.", "model")
+            raise model_not_found(model)
         conn.respond(200, [], body)
 
     async def healthz(self, request: Request, conn: Connection) -> None:

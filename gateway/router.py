@@ -14,7 +14,7 @@ import random
 import time
 
 from gateway import affinity
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, model_not_found
 from gateway.picker import RouteKeys
 from gateway.pool import Pool
 from gateway.relay import Call
@@ -42,7 +42,7 @@ class Router:
         model = decoded.model
         pools = self.by_model.get(model)
         if pools is None:
-            raise GatewayError("model_not_found", f"The model `{model[:200]}` does not exist.", "model")
+            raise model_not_found(model)
         call.workload = workload
         pool, spilled = self._pool(pools, workload)
         if pool is None:
