@@ -27,6 +27,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from gateway import listeners
 from gateway.auth import KeyFileError, KeyStore
 from gateway.errors import GatewayError
 from gateway.handlers import Lifecycle, readiness
@@ -158,8 +159,9 @@ async def start_admin(app: web.Application, settings: Settings,
     host and port."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = (web.SockSite(runner, sock) if sock is not None
-            else web.TCPSite(runner, settings.admin.host, settings.admin.port))
+    if sock is None:
+        sock = listeners.bind(settings.admin.host, settings.admin.port, socket.SOCK_STREAM)
+    site = web.SockSite(runner, sock)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     return runner, port
@@ -172,8 +174,7 @@ _PASSED_HEADERS = frozenset(("content-type", "www-authenticate", "x-should-retry
 def bind_worker_admin() -> socket.socket:
     """A loopback listening socket for one worker's admin app, bound by the supervisor so that its
     port is known before the worker starts and stays the same when the worker is restarted."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    sock = listeners.bind("127.0.0.1", 0, socket.SOCK_STREAM)
     sock.listen(64)
     sock.set_inheritable(True)
     return sock

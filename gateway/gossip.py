@@ -89,6 +89,7 @@ from typing import Any
 
 import msgspec
 
+from gateway import listeners
 from gateway.metrics import Metrics
 from gateway.picker import Policy, RouteKeys
 from gateway.pool import Endpoint, Pool
@@ -307,7 +308,7 @@ class Gossip(asyncio.DatagramProtocol):
             self.metrics.gossip_peers.set(len(self.peers))
         else:
             self._transport, _ = await loop.create_datagram_endpoint(
-                lambda: self, sock=listener(self.config.host, self.port))
+                lambda: self, sock=listeners.bind(self.config.host, self.port, socket.SOCK_DGRAM))
             await self.refresh_peers()
             self._tasks.append(loop.create_task(self._refresh_loop()))
         self._tasks.append(loop.create_task(self._load_loop()))
@@ -466,21 +467,6 @@ class Gossip(asyncio.DatagramProtocol):
             await self.refresh_peers()
 
 
-def listener(host: str, port: int) -> socket.socket:
-    """The gossip socket: on an IPv6 address ("::") dual stack, so that IPv4 peers reach it too."""
-    if not is_ipv6(host):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    else:
-        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
 def _mapped(ip: str) -> str:
     """An address as a dual-stack socket sends to it: an IPv4 one as ``::ffff:a.b.c.d``."""
     return f"::ffff:{ip}" if "." in ip and ":" not in ip else ip
@@ -499,9 +485,7 @@ def bind_siblings(workers: int) -> list[socket.socket]:
     kept open for restarted workers to inherit."""
     socks = []
     for _ in range(workers):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind((LOOPBACK, 0))
-        socks.append(sock)
+        socks.append(listeners.bind(LOOPBACK, 0, socket.SOCK_DGRAM))
     return socks
 
 

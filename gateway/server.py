@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 
 import httptools
 
+from gateway import listeners
 from gateway.errors import REASONS, GatewayError
 from gateway.settings import Limits, Timeouts
 
@@ -88,8 +89,8 @@ class HttpServer:
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: Connection(self), host, port, reuse_port=reuse_port, backlog=4096)
+        sock = listeners.bind(host, port, socket.SOCK_STREAM, reuse_port)
+        self._server = await loop.create_server(lambda: Connection(self), sock=sock, backlog=4096)
         self._sweeper = loop.create_task(self._sweep())
         return self._server.sockets[0].getsockname()[1]
 

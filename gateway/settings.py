@@ -33,6 +33,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
 
 class Listener(_Section):
+    # An IPv6 address ("::") serves IPv6 and IPv4 clients both (gateway/listeners.py).
     host: str = "0.0.0.0"
     port: int = 8080
     # Serve GET /metrics on the public port as well as on the admin port.
@@ -40,7 +41,8 @@ class Listener(_Section):
 
 
 class AdminListener(_Section):
-    # Loopback by default: the admin API can eject endpoints and drain the process.
+    # Loopback by default: the admin API can eject endpoints and drain the process. "::" is dual
+    # stack, as for the public listener.
     host: str = "127.0.0.1"
     port: int = 9090
 

@@ -79,14 +79,14 @@ class GatewayProcess:
     """``python -m gateway`` with a TOML config written for the test."""
 
     def __init__(self, config: str, tmp: Path, workers: int = 1, wait_ready: bool = True,
-                 args: Sequence[str] = ()):
+                 args: Sequence[str] = (), host: str = "127.0.0.1"):
         self.port = free_ports()
         self.admin_port = free_ports()
         path = tmp / f"gateway-{self.port}.toml"
         path.write_text(
             f'region = "test"\nworkers = {workers}\n'
-            f'[listen]\nhost = "127.0.0.1"\nport = {self.port}\n'
-            f'[admin]\nhost = "127.0.0.1"\nport = {self.admin_port}\n' + config)
+            f'[listen]\nhost = "{host}"\nport = {self.port}\n'
+            f'[admin]\nhost = "{host}"\nport = {self.admin_port}\n' + config)
         self.log_path = tmp / f"gateway-{self.port}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(path), *args],
@@ -167,9 +167,9 @@ def gateway(tmp_path: Path) -> Iterator:
     started: list[GatewayProcess] = []
 
     def start(config: str, workers: int = 1, wait_ready: bool = True,
-              args: Sequence[str] = ()) -> GatewayProcess:
-        """``args``: more command-line arguments."""
-        gw = GatewayProcess(config, tmp_path, workers, wait_ready, args)
+              args: Sequence[str] = (), host: str = "127.0.0.1") -> GatewayProcess:
+        """``args``: more command-line arguments; ``host``: of the public and admin listeners."""
+        gw = GatewayProcess(config, tmp_path, workers, wait_ready, args, host)
         started.append(gw)
         return gw
 

@@ -6,9 +6,10 @@ import json
 import socket
 import time
 
+import openai
 import pytest
 
-from tests.conftest import FAST_HEALTH, MODEL, pool_toml
+from tests.conftest import FAST_HEALTH, MODEL, http_get, pool_toml
 from tests.integration.test_errors import raw_request
 
 BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
@@ -99,6 +100,17 @@ def test_connect_is_refused_with_400(stack):
         s.sendall(b"CONNECT engine:443 HTTP/1.1\r\nHost: engine:443\r\n\r\n")
         (response,) = read_responses(s, 1)
     assert response.startswith(b"HTTP/1.1 400") and b"CONNECT is not supported" in response
+
+
+def test_a_gateway_listening_on_ipv6_any_serves_ipv4_and_ipv6_clients_on_both_ports(simulator, gateway):
+    # A dual-stack cluster's kubelet probes and clients may come over either family.
+    sim = simulator("sglang")
+    gw = gateway(FAST_HEALTH + pool_toml("s", "sglang", "interactive", sim.urls), host="::")
+    for address in ("127.0.0.1", "[::1]"):
+        client = openai.OpenAI(base_url=f"http://{address}:{gw.port}/v1", api_key="k", max_retries=0)
+        assert client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=2).choices[0].message.content
+        assert http_get(f"http://{address}:{gw.admin_port}/metrics")[0] == 200
 
 
 def test_upstream_connections_are_reused_across_requests(stack):
