@@ -193,7 +193,8 @@ def supervisor_app(*, worker_ports: Sequence[int], metrics_text: Callable[[], by
     otherwise the first other answer is passed on as it is (401 and 403 come from the workers, which
     hold the keys), or a 502 ``worker_unavailable`` when a worker did not answer (one being
     restarted). A drain ends the supervisor too: restarts are held while the workers are asked, and
-    once every worker has accepted, the supervisor exits after them (as on SIGTERM)."""
+    once any worker has accepted, the supervisor exits after them (as on SIGTERM); the answer is then
+    200, with each worker's own answer (an error object for one that did not accept)."""
     timeout = aiohttp.ClientTimeout(total=5.0)
 
     async def ask(request: web.Request, worker: int, port: int) -> web.Response:
@@ -210,9 +211,12 @@ def supervisor_app(*, worker_ports: Sequence[int], metrics_text: Callable[[], by
             return _error_response(GatewayError("worker_unavailable",
                                                 f"worker {worker} did not answer ({type(e).__name__})"))
 
+    async def ask_each(request: web.Request) -> list[web.Response]:
+        return await asyncio.gather(*(ask(request, i, port) for i, port in enumerate(worker_ports)))
+
     async def ask_every_worker(request: web.Request) -> list[bytes] | web.Response:
         """Every worker's 200 body, in worker order, or the first answer that was not a 200."""
-        answers = await asyncio.gather(*(ask(request, i, port) for i, port in enumerate(worker_ports)))
+        answers = await ask_each(request)
         for answer in answers:
             if answer.status != 200:
                 return answer
@@ -234,12 +238,16 @@ def supervisor_app(*, worker_ports: Sequence[int], metrics_text: Callable[[], by
 
     async def drain(request: web.Request) -> web.Response:
         hold_restarts(True)  # a worker with nothing in flight exits as soon as it has answered
-        answer = await every_worker(request)
-        if answer.status == 200:
-            stop()
-        else:
+        answers = await ask_each(request)
+        if all(answer.status != 200 for answer in answers):
             hold_restarts(False)
-        return answer
+            return answers[0]
+        # A worker that has begun to drain cannot take it back, so the process drains: the supervisor
+        # stops, and its SIGTERM drains the workers that did not answer (one stalled, or restarting).
+        # Restarting the drained workers instead would leave the drain half done.
+        stop()
+        return web.Response(body=orjson.dumps({"workers": [orjson.loads(a.body) for a in answers]}),  # type: ignore[arg-type]
+                            content_type="application/json")
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=metrics_text(), headers={"Content-Type": EXPOSITION_CONTENT_TYPE})

@@ -4,6 +4,7 @@ SIGTERM."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import threading
@@ -133,3 +134,19 @@ def test_with_workers_an_admin_drain_drains_every_worker_and_the_supervisor_exit
     assert "worker exited; restarting" not in gw.log()
     assert gw.log().count('"msg":"stopped"') == 2  # each worker drained, none was killed
 
+
+
+def test_a_drain_one_worker_accepted_goes_through_when_another_did_not_answer(simulator, gateway):
+    sim = simulator("sglang", replicas=1)
+    gw = gateway(FAST_HEALTH + pool_toml("s", "sglang", "interactive", sim.urls), workers=2)
+    pids = next(json.loads(line)["pids"] for line in gw.log().splitlines() if '"supervisor started"' in line)
+    os.kill(pids[1], signal.SIGSTOP)  # its admin port accepts, and nothing answers
+    try:
+        status, answer = admin_call(gw, "POST", "/admin/drain")
+    finally:
+        os.kill(pids[1], signal.SIGCONT)
+    assert status == 200 and answer["workers"][0] == {"draining": True}
+    assert answer["workers"][1]["error"]["code"] == "worker_unavailable"
+    assert gw.proc.wait(timeout=30) == 0
+    assert "worker exited; restarting" not in gw.log()  # the drained worker was not brought back
+    assert gw.log().count('"msg":"stopped"') == 2
