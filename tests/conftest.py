@@ -93,7 +93,11 @@ class GatewayProcess:
                                      cwd=ROOT,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         if wait_ready:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except RuntimeError:
+                self.stop()  # the fixture never saw it, so would leave it running
+                raise
 
     @property
     def url(self) -> str:
