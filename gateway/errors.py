@@ -33,6 +33,7 @@ KINDS: dict[str, Kind] = {
     "method_not_allowed": Kind(405, "invalid_request_error", "method_not_allowed", False),
     "request_timeout": Kind(408, "invalid_request_error", "request_timeout", False, close=True),
     "request_too_large": Kind(413, "invalid_request_error", "request_too_large", False, close=True),
+    "unsupported_encoding": Kind(415, "invalid_request_error", "unsupported_content_encoding", False, close=True),
     "headers_too_large": Kind(431, "invalid_request_error", "request_header_fields_too_large", False, close=True),
     "rate_limited": Kind(429, "rate_limit_error", "rate_limit_exceeded", True, 1),
     "overloaded": Kind(429, "rate_limit_error", "overloaded", True, 1),
@@ -49,7 +50,7 @@ KINDS: dict[str, Kind] = {
 REASONS: dict[int, bytes] = {
     200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found",
     405: b"Method Not Allowed", 408: b"Request Timeout", 409: b"Conflict", 413: b"Payload Too Large",
-    422: b"Unprocessable Entity", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+    415: b"Unsupported Media Type", 422: b"Unprocessable Entity", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
     500: b"Internal Server Error", 502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
 }
 
@@ -79,6 +80,8 @@ class GatewayError(Exception):
             out.append((b"retry-after", b"%d" % k.retry_after_s))
         if k.status == 401:
             out.append((b"www-authenticate", b"Bearer"))
+        elif k.status == 415:
+            out.append((b"accept-encoding", b"identity"))  # RFC 9110 15.5.16
         return out
 
     def sse_event(self) -> bytes:

@@ -290,6 +290,11 @@ class Connection(asyncio.Protocol):
                     "request_too_large", f"request body exceeds {self.server.limits.max_body_bytes} bytes"))
             elif name == b"expect":
                 expect = value
+            # Neither the engines nor the routing read a compressed body: refused before it is read,
+            # instead of failing as invalid JSON.
+            elif name == b"content-encoding" and value.strip().lower() != b"identity":
+                raise _Reject(GatewayError("unsupported_encoding", "request bodies are accepted uncompressed "
+                                           f"only; got Content-Encoding {value.decode('latin-1')!r}"))
         # RFC 9112 3.2: exactly one Host in HTTP/1.1, at most one in HTTP/1.0; anything else is how
         # requests get routed by one hop and read differently by the next.
         if hosts > 1 or (hosts == 0 and self.parser.get_http_version() != "1.0"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import time
@@ -123,6 +124,23 @@ def test_upstream_connections_are_reused_across_requests(stack):
     # The engine counts its accepts; this test's own two stats calls and a health check may add to it.
     assert sim.stats(0)["accepted_connections"] - before <= 3
     assert "gateway_upstream_connects_total 1.0" in gw.metrics()
+
+
+def test_a_compressed_body_is_refused_with_415_before_any_engine_sees_it(stack):
+    sim, gw = stack
+    before = len(sim.requests(0))
+    packed = gzip.compress(BODY)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                  b"Content-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(packed) + packed)
+        (response,) = read_responses(s, 1)
+    head, body = response.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 415") and b"\r\naccept-encoding: identity" in head.lower()
+    assert json.loads(body)["error"]["code"] == "unsupported_content_encoding"
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:  # identity is no encoding
+        s.sendall(REQUEST.replace(b"Host: gw\r\n", b"Host: gw\r\nContent-Encoding: identity\r\n"))
+        assert read_responses(s, 1)[0].startswith(b"HTTP/1.1 200")
+    assert len(sim.requests(0)) == before + 1
 
 
 def test_too_many_headers_is_431(stack):
