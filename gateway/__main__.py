@@ -47,25 +47,29 @@ def main(argv: list[str] | None = None) -> int:
     except settings.SettingsError as e:
         print(f"edge-gateway: {e}", file=sys.stderr)
         return 2
-    logs.setup(config.logging.level)
-    if args.worker is not None:
-        from gateway.gossip import Siblings
+    output = logs.setup(config.logging)
+    try:
+        if args.worker is not None:
+            from gateway.gossip import Siblings
 
-        siblings = Siblings.parse(args.siblings) if args.siblings else None
-        admin_sock = socket.socket(fileno=args.admin_fd)
-        return _serve(config, reuse_port=True, worker=args.worker, siblings=siblings, admin_sock=admin_sock)
-    if config.workers == 1:
-        return _serve(config, reuse_port=False, worker=0)
-    return _supervise(config, args.config)
+            siblings = Siblings.parse(args.siblings) if args.siblings else None
+            admin_sock = socket.socket(fileno=args.admin_fd)
+            return _serve(config, output, reuse_port=True, worker=args.worker, siblings=siblings,
+                          admin_sock=admin_sock)
+        if config.workers == 1:
+            return _serve(config, output, reuse_port=False, worker=0)
+        return _supervise(config, args.config)
+    finally:
+        output.close(timeout_s=2.0)  # the last lines ("stopped"), unless nobody reads them
 
 
-def _serve(config, reuse_port: bool, worker: int, siblings=None, admin_sock=None) -> int:
+def _serve(config, output, reuse_port: bool, worker: int, siblings=None, admin_sock=None) -> int:
     import uvloop
 
     from gateway.app import Gateway
 
     async def run() -> None:
-        gateway = Gateway(config, worker=worker, siblings=siblings, admin_sock=admin_sock)
+        gateway = Gateway(config, worker=worker, siblings=siblings, admin_sock=admin_sock, output=output)
         # Before start: a SIGTERM that arrives while the process starts (a supervisor stopping its
         # workers as one of them comes up) must drain it, not kill it.
         loop = asyncio.get_running_loop()

@@ -25,7 +25,7 @@ from gateway.handlers import Handlers, Lifecycle
 from gateway.health import HealthChecker
 from gateway.ledger import Ledger
 from gateway.limits import Limiter
-from gateway.logs import AccessLog
+from gateway.logs import AccessLog, Output
 from gateway.metrics import Metrics
 from gateway.outlier import OutlierDetector
 from gateway.picker import Policy, make_policy
@@ -41,12 +41,13 @@ log = logging.getLogger("gateway")
 
 class Gateway:
     def __init__(self, settings: Settings, worker: int = 0, siblings: Siblings | None = None,
-                 admin_sock: socket.socket | None = None):
+                 admin_sock: socket.socket | None = None, output: Output | None = None):
+        """``output``: the process's log output (``logs.setup``), which the access log shares."""
         s = settings
         self.settings = s
         self.admin_sock = admin_sock
         self.metrics = Metrics()
-        self.access_log = AccessLog(s.logging.access_log)
+        self.access_log = AccessLog(s.logging.access_log, output or Output(s.logging.max_pending_bytes))
         self.lifecycle = Lifecycle()
         r = s.routing
         self.pools = [Pool(p, build_policy(p.effective_policy, r)) for p in s.pools]

@@ -74,6 +74,8 @@ class Ledger:
         for pool in self.pools:
             for ep in pool.endpoints:
                 m.child(m.in_flight, pool.name, ep.id).set(ep.in_flight)
+        for log, lines in self.access_log.output.take_dropped().items():
+            m.child(m.log_lines_dropped, log).inc(lines)
 
     def _count(self, calls: list[Call]) -> None:
         m = self.metrics

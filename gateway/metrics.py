@@ -124,6 +124,10 @@ class Metrics:
             multiprocess_mode="livemax", registry=r)
         self.upstream_connects = Counter(
             "gateway_upstream_connects_total", "New upstream TCP connections opened.", registry=r)
+        self.log_lines_dropped = Counter(
+            "gateway_log_lines_dropped_total",
+            "Log lines dropped while stdout or stderr was not read fast enough (logging.max_pending_bytes).",
+            ["log"], registry=r)
         self._children: dict[tuple, object] = {}
 
     def child(self, metric, *labels: str):

@@ -238,6 +238,9 @@ class Auth(_Section):
 class Logging(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
+    # Log output waiting for a slow reader of stdout/stderr; beyond it, lines are dropped and counted
+    # (gateway_log_lines_dropped_total) rather than stall requests (gateway/logs.py, Output).
+    max_pending_bytes: int = 8 * 1024 * 1024
 
 
 class Settings(_Section):
@@ -338,6 +341,8 @@ def _validate(s: Settings) -> None:
         for field, value in msgspec.structs.asdict(getattr(s, section)).items():
             if isinstance(value, (int, float)) and value <= 0:
                 raise bad(f"{section}.{field}", f"must be positive, got {value}")
+    if s.logging.max_pending_bytes <= 0:
+        raise bad("logging.max_pending_bytes", f"must be positive, got {s.logging.max_pending_bytes}")
     o = s.outlier
     for key in ("max_ejected_percent", "panic_threshold_percent"):
         if getattr(o, key) > 100:

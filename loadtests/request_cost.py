@@ -110,7 +110,7 @@ def build_gateway(answer: bytes, access_log: BinaryIO) -> tuple[Gateway, list[_C
     finally:
         os.unlink(f.name)
     gateway = Gateway(config)
-    gateway.access_log.stream = access_log
+    gateway.access_log.fd = access_log.fileno()
     loop = asyncio.get_running_loop()
     upstreams = []
     for key in ENDPOINTS:

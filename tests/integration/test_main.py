@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -14,7 +16,8 @@ import urllib.request
 
 import openai
 
-from tests.conftest import FAST_HEALTH, MODEL, http_get, pool_toml
+from engine_nodes.local_stack import free_ports, stop_process
+from tests.conftest import FAST_HEALTH, MODEL, ROOT, http_get, pool_toml
 
 
 def test_two_workers_share_the_port_and_their_metrics_add_up(simulator, gateway):
@@ -150,3 +153,35 @@ def test_a_drain_one_worker_accepted_goes_through_when_another_did_not_answer(si
     assert gw.proc.wait(timeout=30) == 0
     assert "worker exited; restarting" not in gw.log()  # the drained worker was not brought back
     assert gw.log().count('"msg":"stopped"') == 2
+
+
+def test_requests_are_served_while_nobody_reads_the_gateways_output_and_dropped_lines_are_counted(
+        simulator, tmp_path):
+    # A log collector that stops reading fills the pipe; the requests must not wait for it.
+    sim = simulator("sglang")
+    port, admin_port = free_ports(), free_ports()
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[listen]\nhost = "127.0.0.1"\nport = {port}\n[admin]\nhost = "127.0.0.1"\nport = {admin_port}\n'
+                      '[logging]\nmax_pending_bytes = 65536\n'
+                      + FAST_HEALTH + pool_toml("s", "sglang", "interactive", sim.urls))
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(config)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # never read
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if http_get(f"http://127.0.0.1:{port}/readyz", timeout=0.5)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=5)
+        for i in range(1000):  # about 350 KB of access log: the pipe holds 64 KB, the buffer 64 KB
+            client.completions.create(model=MODEL, prompt=f"p{i}", max_tokens=1)
+        metrics = http_get(f"http://127.0.0.1:{admin_port}/metrics")[1].decode()
+        dropped = next(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                       if line.startswith('gateway_log_lines_dropped_total{log="access"}'))
+        assert 500 < dropped < 1000
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0  # it waits for its reader for 2 s, then exits
+    finally:
+        stop_process(proc)
