@@ -246,8 +246,8 @@ def supervisor_app(*, worker_ports: Sequence[int], metrics_text: Callable[[], by
         # stops, and its SIGTERM drains the workers that did not answer (one stalled, or restarting).
         # Restarting the drained workers instead would leave the drain half done.
         stop()
-        return web.Response(body=orjson.dumps({"workers": [orjson.loads(a.body) for a in answers]}),  # type: ignore[arg-type]
-                            content_type="application/json")
+        bodies = [orjson.loads(answer.body) for answer in answers]  # type: ignore[arg-type]
+        return web.Response(body=orjson.dumps({"workers": bodies}), content_type="application/json")
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=metrics_text(), headers={"Content-Type": EXPOSITION_CONTENT_TYPE})

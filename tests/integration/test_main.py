@@ -161,7 +161,8 @@ def test_requests_are_served_while_nobody_reads_the_gateways_output_and_dropped_
     sim = simulator("sglang")
     port, admin_port = free_ports(), free_ports()
     config = tmp_path / "gateway.toml"
-    config.write_text(f'[listen]\nhost = "127.0.0.1"\nport = {port}\n[admin]\nhost = "127.0.0.1"\nport = {admin_port}\n'
+    config.write_text(f'[listen]\nhost = "127.0.0.1"\nport = {port}\n'
+                      f'[admin]\nhost = "127.0.0.1"\nport = {admin_port}\n'
                       '[logging]\nmax_pending_bytes = 65536\n'
                       + FAST_HEALTH + pool_toml("s", "sglang", "interactive", sim.urls))
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(config)], cwd=ROOT,
