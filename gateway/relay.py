@@ -389,6 +389,9 @@ class Relay:
             await ex.wait_done(self.timeouts.idle_s)
         finally:
             conn.on_pause = conn.on_resume = None
+            # The sink holds the exchange, which holds the sink: unhooked, both are freed at once.
+            # Left to the cyclic GC, every stream's dozen objects piled up into 10-20 ms pauses.
+            ex.pipe(None)
         conn.end_stream()
         call.done_at = time.monotonic()
         call.outcome = "done"

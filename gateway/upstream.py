@@ -240,8 +240,9 @@ class Exchange:
         self.chunks.clear()
         return data
 
-    def pipe(self, sink: Callable[[bytes], None]) -> None:
-        """From now on hand each upstream read to ``sink`` instead of buffering it."""
+    def pipe(self, sink: Callable[[bytes], None] | None) -> None:
+        """From now on hand each upstream read to ``sink`` instead of buffering it (None: buffer
+        again)."""
         self.sink = sink
 
     def pause(self) -> None:
