@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from gateway import listeners
 
 
@@ -34,8 +36,13 @@ def test_a_datagram_listener_on_ipv6_any_receives_from_ipv4_senders():
 
 def test_workers_bind_one_port_each_with_reuse_port():
     first = listeners.bind("127.0.0.1", 0, socket.SOCK_STREAM, reuse_port=True)
+    first.listen(4)
+    port = first.getsockname()[1]
     try:
-        second = listeners.bind("127.0.0.1", first.getsockname()[1], socket.SOCK_STREAM, reuse_port=True)
+        with pytest.raises(OSError):  # without it, the port is taken
+            listeners.bind("127.0.0.1", port, socket.SOCK_STREAM)
+        second = listeners.bind("127.0.0.1", port, socket.SOCK_STREAM, reuse_port=True)
+        assert second.getsockname()[1] == port
         second.close()
     finally:
         first.close()
