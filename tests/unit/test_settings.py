@@ -99,6 +99,7 @@ def test_environment_overrides_nested_keys_and_list_items(tmp_path):
     ('workers = 4\n[gossip]\nport = 65534\n', "gossip.port"),
     ('[gossip]\ninterval_s = 0\n', "gossip.interval_s"),
     ('[gossip]\nmax_datagram_bytes = 100\n', "gossip.max_datagram_bytes"),
+    ('[logging]\nmax_pending_bytes = 0\n', "logging.max_pending_bytes"),
 ])
 def test_invalid_config_fails_fast_naming_the_bad_key(tmp_path, text, key):
     with pytest.raises(settings.SettingsError) as e:
