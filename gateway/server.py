@@ -154,8 +154,8 @@ class Connection(asyncio.Protocol):
         self.on_resume: Callable[[], None] | None = None
 
     def _release_body(self) -> None:
-        # Drop the chunks too: a closed connection is freed only by the cyclic GC (it and its
-        # parser refer to each other), and must not hold a refused body until then.
+        # Drop the chunks too: a closed connection can outlive its socket (a handler still
+        # finishing), and must not hold a refused body meanwhile.
         self.server.buffered -= self._body_len
         self._body_len = 0
         self._body: list[bytes] = []
@@ -245,6 +245,7 @@ class Connection(asyncio.Protocol):
         if self.task is not None:
             self.task.cancel()
         self.queue.clear()
+        self.parser = None  # it holds this connection: the pair would wait for the cyclic GC
 
     def pause_writing(self) -> None:
         if self.on_pause is not None:

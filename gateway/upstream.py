@@ -159,6 +159,7 @@ class _Connection(asyncio.Protocol):
         ex = self.exchange
         if ex is not None and not ex.complete:
             ex._lost()
+        self.parser = None  # it holds this connection: the pair would wait for the cyclic GC
 
     def pause_writing(self) -> None:
         pass  # requests are small; nothing to throttle on this side

@@ -5,13 +5,16 @@ Every process a test starts is stopped by its fixture, by PID, even when the tes
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
 import json
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -180,3 +183,40 @@ def gateway(tmp_path: Path) -> Iterator:
     yield start
     for gw in started:
         gw.stop()
+
+
+@contextlib.asynccontextmanager
+async def gateway_in_process(config: str, tmp: Path) -> AsyncIterator:
+    """The gateway's own objects (``app.Gateway``) in the test's event loop, on loopback ports the
+    kernel picks, once its first pool has a healthy replica: for promises about what the process
+    holds, which only its own objects can show. Everything else starts ``python -m gateway``."""
+    from gateway import settings
+    from gateway.app import Gateway
+
+    path = tmp / "gateway-in-process.toml"
+    path.write_text('[listen]\nhost = "127.0.0.1"\nport = 0\n'
+                    '[admin]\nhost = "127.0.0.1"\nport = 0\n' + config)
+    gateway = Gateway(settings.load(str(path), environ={}))
+    await gateway.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not gateway.pools[0].has_healthy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        yield gateway
+    finally:
+        await gateway.stop()
+
+
+@contextlib.contextmanager
+def cyclic_garbage() -> Iterator[list]:
+    """The objects that only the cyclic GC could free, of what the block made (filled at its end)."""
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    found: list = []
+    try:
+        yield found
+        gc.collect()
+        found.extend(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import socket
 import time
@@ -11,12 +10,11 @@ import time
 import openai
 import pytest
 
-from gateway import settings
-from gateway.app import Gateway
 from gateway.relay import Call
 from gateway.sse import SseCheck
-from gateway.upstream import Exchange
-from tests.conftest import FAST_HEALTH, MODEL, pool_toml
+from gateway.server import Connection
+from gateway.upstream import Exchange, _Connection
+from tests.conftest import FAST_HEALTH, MODEL, cyclic_garbage, gateway_in_process, pool_toml
 
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
 
@@ -242,29 +240,38 @@ async def test_a_finished_stream_leaves_nothing_for_the_cyclic_gc(simulator, tmp
     # Objects caught in reference cycles wait for the cyclic GC, and a stream's used to: at a few
     # thousand streams a second that was a 10-20 ms pause every half second.
     sim = simulator("sglang")
-    config = tmp_path / "gateway.toml"
-    config.write_text('[listen]\nhost = "127.0.0.1"\nport = 0\n[admin]\nhost = "127.0.0.1"\nport = 0\n'
-                      + FAST_HEALTH + pool_toml("s", "sglang", "interactive", sim.urls))
-    gateway = Gateway(settings.load(str(config), environ={}))
-    await gateway.start()
-    try:
-        while not gateway.pools[0].has_healthy():
-            await asyncio.sleep(0.05)
-        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    config = FAST_HEALTH + pool_toml("s", "sglang", "interactive", sim.urls)
+    async with gateway_in_process(config, tmp_path) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         body = stream_body(4)
         request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
                    b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        gc.collect()
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        for _ in range(20):
-            writer.write(request)
-            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
-            assert b"[DONE]" in await reader.readuntil(b"0\r\n\r\n")
+        with cyclic_garbage() as garbage:
+            for _ in range(20):
+                writer.write(request)
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+                assert b"[DONE]" in await reader.readuntil(b"0\r\n\r\n")
         writer.close()
-        gc.collect()
-        left = [o for o in gc.garbage if isinstance(o, (Call, Exchange, SseCheck))]
-        assert left == []
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        await gateway.stop()
+    assert [o for o in garbage if isinstance(o, (Call, Exchange, SseCheck))] == []
+
+
+async def test_a_stream_its_client_left_leaves_nothing_for_the_cyclic_gc(simulator, tmp_path):
+    # Chat users stop answers all the time; each stop closes an upstream connection.
+    sim = simulator("sglang", speed=5.0)
+    config = FAST_HEALTH + pool_toml("s", "sglang", "interactive", sim.urls)
+    async with gateway_in_process(config, tmp_path) as gw:
+        body = stream_body(300)
+        request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % len(body)
+                   + body)
+        with cyclic_garbage() as garbage:
+            for _ in range(5):
+                reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+                writer.write(request)
+                await reader.readuntil(b"data:")
+                writer.close()
+                await writer.wait_closed()
+            deadline = time.monotonic() + 10
+            while ((gw.server.connections or in_flight_total(gw.ledger.exposition().decode()))
+                   and time.monotonic() < deadline):
+                await asyncio.sleep(0.02)  # until the gateway has let go of both sides
+    assert [o for o in garbage if isinstance(o, (Connection, _Connection, Exchange, Call))] == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import socket
@@ -10,7 +11,8 @@ import time
 import openai
 import pytest
 
-from tests.conftest import FAST_HEALTH, MODEL, http_get, pool_toml
+from gateway.server import Connection
+from tests.conftest import FAST_HEALTH, MODEL, cyclic_garbage, gateway_in_process, http_get, pool_toml
 from tests.integration.test_errors import raw_request
 
 BODY = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
@@ -112,6 +114,23 @@ def test_a_gateway_listening_on_ipv6_any_serves_ipv4_and_ipv6_clients_on_both_po
         assert client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                               max_tokens=2).choices[0].message.content
         assert http_get(f"http://{address}:{gw.admin_port}/metrics")[0] == 200
+
+
+async def test_a_closed_connection_leaves_nothing_for_the_cyclic_gc(simulator, tmp_path):
+    # Clients that open a connection per request (the OpenAI SDK after 5 s idle, probes) would
+    # otherwise leave each one to the cyclic GC, whose pauses grow with what it has to free.
+    sim = simulator("sglang")
+    config = FAST_HEALTH + pool_toml("s", "sglang", "interactive", sim.urls)
+    async with gateway_in_process(config, tmp_path) as gw:
+        with cyclic_garbage() as garbage:
+            for request in (REQUEST, b"GET /nowhere HTTP/1.1\r\nHost: gw\r\n\r\n", b"NOT HTTP\r\n\r\n"):
+                reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+                writer.write(request)
+                assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 ")
+                writer.close()
+                await writer.wait_closed()
+            await asyncio.sleep(0.1)  # the gateway's side of the last close
+    assert [o for o in garbage if isinstance(o, Connection)] == []
 
 
 def test_upstream_connections_are_reused_across_requests(stack):
