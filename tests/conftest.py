@@ -124,7 +124,10 @@ class GatewayProcess:
         raise RuntimeError(f"gateway not ready in {timeout}s: {self.log()}")
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        """The process's output so far, in whole lines: the log thread may be mid-write of the last."""
+        exited = self.proc.poll() is not None
+        text = self.log_path.read_text(errors="replace")
+        return text if exited else text[:text.rfind("\n") + 1]
 
     def access_log(self) -> list[dict]:
         out = []

@@ -143,6 +143,11 @@ def test_a_drain_one_worker_accepted_goes_through_when_another_did_not_answer(si
     sim = simulator("sglang", replicas=1)
     gw = gateway(FAST_HEALTH + pool_toml("s", "sglang", "interactive", sim.urls), workers=2)
     pids = next(json.loads(line)["pids"] for line in gw.log().splitlines() if '"supervisor started"' in line)
+    # Both workers past their start: one still importing dies of SIGTERM (it has accepted nothing), and
+    # would not log "stopped".
+    deadline = time.monotonic() + 20
+    while gw.log().count('"msg":"gateway listening"') < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     os.kill(pids[1], signal.SIGSTOP)  # its admin port accepts, and nothing answers
     try:
         status, answer = admin_call(gw, "POST", "/admin/drain")
