@@ -166,6 +166,15 @@ class Engine:
         return (self._loop.time() - self._origin) * self.speed
 
     def submit(self, seq: Sequence) -> None:
+        self.check(seq)
+        # While a step runs, an arrival is stamped no later than the step's end, because the host may
+        # be behind the simulated clock (then the wall time of the arrival says nothing).
+        seq.arrival_sim = self.sim_now() if self._idle else min(self.sim_now(), self._step_end)
+        self.waiting.append(seq)
+        self._work.set()
+
+    def check(self, seq: Sequence) -> None:
+        """Raise CapacityError if ``seq`` can never run here (so a request's sequences go in all or none)."""
         total = seq.prompt_tokens + seq.max_tokens
         if total > self.limits.max_context:
             raise CapacityError(
@@ -178,11 +187,6 @@ class Engine:
                 f"The request needs {total} tokens of KV cache but the pool holds "
                 f"{self.cache.capacity_tokens} tokens."
             )
-        # While a step runs, an arrival is stamped no later than the step's end, because the host may
-        # be behind the simulated clock (then the wall time of the arrival says nothing).
-        seq.arrival_sim = self.sim_now() if self._idle else min(self.sim_now(), self._step_end)
-        self.waiting.append(seq)
-        self._work.set()
 
     def abort(self, seq: Sequence) -> None:
         """The client went away: the request leaves the queue or the batch now and frees its pages."""

@@ -6,6 +6,10 @@ KV cache, fault knobs, request log and listening socket. A generation request ru
     record -> decode the JSON body -> check the model -> roll the error fault -> render and tokenise
     -> (slow first token) -> submit to the engine -> stream or wait -> account
 
+A request is one engine sequence per choice: ``n`` samples of each prompt (a completions request may
+carry a batch of prompts), numbered as vLLM numbers them, prompt index x n + sample. The samples of a
+prompt share its prompt tokens in the usage and write different text.
+
 Engine paths (both flavours): ``POST /v1/chat/completions``, ``POST /v1/completions``,
 ``GET /v1/models``, ``GET /health``, ``GET /metrics``. SGLang adds ``GET /health_generate``,
 ``GET /get_model_info``, ``GET /get_server_info`` and ``POST|GET /flush_cache``.
@@ -47,6 +51,7 @@ from engine_nodes.sim.timing import TimingModel
 from engine_nodes.sim.wire import DONE, Flavor, Reply, Usage, Wire
 
 DEFAULT_MAX_TOKENS = 16
+MAX_CHOICES = 128  # choices per request (prompts x n); OpenAI's own bound on n
 REQUEST_LOG_SIZE = 4096
 SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 GARBAGE = b"\x00\xff}{ this is not server-sent events\n\n"
@@ -111,7 +116,7 @@ class _Fault(Exception):
 @dataclass
 class _StreamState:
     record: RequestRecord
-    seq: Sequence
+    seqs: list[Sequence]
     response: web.StreamResponse
     faults: Faults
     pending: list[bytes] = field(default_factory=list)
@@ -258,8 +263,9 @@ class Replica:
             if not isinstance(params, dict):
                 raise ValueError("the request body must be a JSON object")
             record.stream = params.get("stream") is True
-            prompt = tokens.render_chat(params.get("messages")) if chat else tokens.render_completion(
+            prompts = [tokens.render_chat(params.get("messages"))] if chat else tokens.render_prompts(
                 params.get("prompt"))
+            n = _choices_per_prompt(params, len(prompts))
             max_tokens = _max_tokens(params, chat)
         except (ValueError, orjson.JSONDecodeError) as exc:
             return self._reject(record, 400, str(exc), headers)
@@ -279,24 +285,30 @@ class Replica:
             id=self.wire.response_id(chat, unique, request.headers.get("x-request-id")),
             created=int(time.time()), model=self.config.model, chat=chat,
         )
-        seq = self._sequence(unique, prompt, max_tokens)
-        record.prompt_tokens = seq.prompt_tokens
+        # One sequence per choice, numbered as the engines number choices: prompt index x n + sample.
+        seqs = [self._sequence(f"{unique}-{p}-{sample}", prompt, max_tokens, sample)
+                for p, prompt in enumerate(prompts) for sample in range(n)]
+        record.prompt_tokens = sum(seq.prompt_tokens for seq in seqs[::n])
         try:
-            self.engine.submit(seq)
+            for seq in seqs[::n]:
+                self.engine.check(seq)
         except CapacityError as exc:
             return self._reject(record, 400, str(exc), headers)
+        for seq in seqs:
+            self.engine.submit(seq)
         try:
             if record.stream:
                 include_usage = _include_usage(params)
-                return await self._stream(request, record, seq, reply, include_usage, headers)
-            return await self._complete(request, record, seq, reply, headers)
+                return await self._stream(request, record, seqs, n, reply, include_usage, headers)
+            return await self._complete(request, record, seqs, n, reply, headers)
         finally:
-            if not seq.finished:
-                self.engine.abort(seq)
-            self._account(record, seq)
+            for seq in seqs:
+                self.engine.abort(seq)  # a no-op for a finished one
+            self._account(record, seqs)
 
-    def _sequence(self, rid: str, prompt: bytes, max_tokens: int) -> Sequence:
-        digest = tokens.prompt_digest(self.config.seed, self.config.model, prompt)
+    def _sequence(self, rid: str, prompt: bytes, max_tokens: int, sample: int) -> Sequence:
+        # Each sample of one prompt writes its own text, as sampling with n > 1 does.
+        digest = tokens.prompt_digest(self.config.seed + sample, self.config.model, prompt)
         return Sequence(
             rid=rid,
             prompt_tokens=tokens.token_count(prompt),
@@ -306,18 +318,19 @@ class Replica:
             digest=digest,
         )
 
-    async def _complete(self, request: web.Request, record: RequestRecord, seq: Sequence, reply: Reply,
-                        headers: dict[str, str]) -> web.StreamResponse:
-        await seq.wait_beyond(seq.max_tokens - 1)
+    async def _complete(self, request: web.Request, record: RequestRecord, seqs: list[Sequence], n: int,
+                        reply: Reply, headers: dict[str, str]) -> web.StreamResponse:
+        for seq in seqs:
+            await seq.wait_beyond(seq.max_tokens - 1)
         faults = self.faults
         if faults.hang_after_chunks == 0:
             await _hang()
         if faults.reset_after_chunks == 0:
             _reset(request)
             return web.Response(status=200)
-        record.cached_tokens = seq.cached_tokens
-        text = "".join(seq.words)
-        payload = self.wire.response(reply, text, "length", self._usage(seq))
+        usage = self._usage(seqs, n)
+        record.cached_tokens = usage.cached_tokens
+        payload = self.wire.response(reply, ["".join(seq.words) for seq in seqs], "length", usage)
         if faults.garbage_after_chunks == 0:
             response = web.Response(body=GARBAGE, status=200, headers=headers, content_type="application/json")
             response.force_close()
@@ -328,32 +341,36 @@ class Replica:
         return web.Response(body=orjson.dumps(payload), status=200, headers=headers,
                             content_type="application/json")
 
-    async def _stream(self, request: web.Request, record: RequestRecord, seq: Sequence, reply: Reply,
-                      include_usage: bool, headers: dict[str, str]) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, record: RequestRecord, seqs: list[Sequence], n: int,
+                      reply: Reply, include_usage: bool, headers: dict[str, str]) -> web.StreamResponse:
         response = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
         await response.prepare(request)
         record.status = 200
-        state = _StreamState(record, seq, response, self.faults)
-        template = self.wire.token_template(reply)
+        state = _StreamState(record, seqs, response, self.faults)
+        templates = [self.wire.token_template(reply, index) for index in range(len(seqs))]
+        sent = [0] * len(seqs)
         try:
-            sent = 0
-            while sent < seq.max_tokens:
-                await seq.wait_beyond(sent)
-                if seq.aborted:
-                    break
-                if sent == 0:
-                    record.cached_tokens = seq.cached_tokens
-                    role = self.wire.role_chunk(reply)
-                    if role is not None:
-                        state.pending.append(role)
-                words = seq.words
-                for i in range(sent, seq.produced):
-                    state.pending.append(template.render(words[i]))
-                sent = seq.produced
+            # The choices decode in the same engine steps, so waiting on each in turn costs no time;
+            # every round writes what all of them produced in one flush.
+            while any(sent[i] < seq.max_tokens and not seq.aborted for i, seq in enumerate(seqs)):
+                for i, seq in enumerate(seqs):
+                    if sent[i] == seq.max_tokens or seq.aborted:
+                        continue
+                    await seq.wait_beyond(sent[i])
+                    if sent[i] == 0:
+                        if i % n == 0:
+                            record.cached_tokens += seq.cached_tokens
+                        role = self.wire.role_chunk(reply, i)
+                        if role is not None:
+                            state.pending.append(role)
+                    words, render = seq.words, templates[i].render
+                    state.pending.extend(render(words[t]) for t in range(sent[i], seq.produced))
+                    sent[i] = seq.produced
                 await self._flush(request, state)
-            state.pending.append(self.wire.finish_chunk(reply, "abort" if seq.aborted else "length"))
+            state.pending.extend(self.wire.finish_chunk(reply, i, "abort" if seq.aborted else "length")
+                                 for i, seq in enumerate(seqs))
             if include_usage:
-                state.pending.append(self.wire.usage_chunk(reply, self._usage(seq)))
+                state.pending.append(self.wire.usage_chunk(reply, self._usage(seqs, n)))
             state.pending.append(DONE)
             await self._flush(request, state)
             await response.write_eof()
@@ -387,7 +404,8 @@ class Replica:
     async def _strike(self, request: web.Request, state: _StreamState, at: int) -> None:
         faults = state.faults
         if faults.hang_after_chunks == at:
-            self.engine.abort(state.seq)
+            for seq in state.seqs:
+                self.engine.abort(seq)
             await _hang()
         elif faults.reset_after_chunks == at:
             await asyncio.sleep(0.005)  # let the chunks already written leave before the RST
@@ -411,24 +429,32 @@ class Replica:
         self.log.append(record)
         return record
 
-    def _account(self, record: RequestRecord, seq: Sequence) -> None:
-        """Record a request's end exactly once: completed, or aborted (client gone, or a fault)."""
-        record.sim_ttft_s = seq.sim_ttft
+    def _account(self, record: RequestRecord, seqs: list[Sequence]) -> None:
+        """Record a request's end exactly once: completed, or aborted (client gone, or a fault). The
+        engine metrics count sequences, as the engines count each of a request's ``n`` samples."""
+        record.sim_ttft_s = seqs[0].sim_ttft
         observed = self.metrics.requests
         if record.finished:
             self.stats.completed += 1
-            observed.finished += 1
-            observed.cached_tokens += seq.cached_tokens
-            if seq.first_token_sim is not None and seq.finish_sim is not None:
-                observed.ttft.observe(seq.first_token_sim - seq.arrival_sim)
-                observed.e2e.observe(seq.finish_sim - seq.arrival_sim)
-                if seq.max_tokens > 1:
-                    observed.itl.observe((seq.finish_sim - seq.first_token_sim) / (seq.max_tokens - 1))
-        elif seq.aborted:
-            observed.aborted += 1
+        for seq in seqs:
+            if record.finished:
+                observed.finished += 1
+                observed.cached_tokens += seq.cached_tokens
+                if seq.first_token_sim is not None and seq.finish_sim is not None:
+                    observed.ttft.observe(seq.first_token_sim - seq.arrival_sim)
+                    observed.e2e.observe(seq.finish_sim - seq.arrival_sim)
+                    if seq.max_tokens > 1:
+                        observed.itl.observe((seq.finish_sim - seq.first_token_sim) / (seq.max_tokens - 1))
+            elif seq.aborted:
+                observed.aborted += 1
 
-    def _usage(self, seq: Sequence) -> Usage:
-        return Usage(seq.prompt_tokens, seq.produced, seq.cached_tokens)
+    @staticmethod
+    def _usage(seqs: list[Sequence], n: int) -> Usage:
+        """Prompt tokens count once per prompt (its ``n`` samples share them), completion tokens per
+        sample."""
+        per_prompt = seqs[::n]
+        return Usage(sum(s.prompt_tokens for s in per_prompt), sum(s.produced for s in seqs),
+                     sum(s.cached_tokens for s in per_prompt))
 
     def _reject(self, record: RequestRecord, status: int, message: str, headers: dict[str, str],
                 param: str | None = None) -> web.Response:
@@ -566,9 +592,18 @@ def _echo_headers(request: web.Request) -> dict[str, str]:
     return {"x-request-id": request_id} if request_id is not None else {}
 
 
+def _choices_per_prompt(params: dict[str, object], prompts: int) -> int:
+    n = params.get("n")
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError("n must be a positive integer")
+    if n * prompts > MAX_CHOICES:
+        raise ValueError(f"n x prompts must be at most {MAX_CHOICES}")
+    return n
+
+
 def _max_tokens(params: dict[str, object], chat: bool) -> int:
-    if params.get("n", 1) not in (1, None):
-        raise ValueError("the simulator supports n = 1 only")
     value = params.get("max_completion_tokens") if chat else None
     if value is None:
         value = params.get("max_tokens")

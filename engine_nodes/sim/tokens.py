@@ -82,16 +82,22 @@ def render_chat(messages: object) -> bytes:
     return "".join(out).encode()
 
 
-def render_completion(prompt: object) -> bytes:
-    """A ``/v1/completions`` prompt: a string, a one-element list of strings, or token ids."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
+def render_prompts(prompt: object) -> list[bytes]:
+    """A ``/v1/completions`` prompt, as the engines accept it: a string or token ids (one prompt), or a
+    list of strings or of token-id lists (a batch, each prompt its own sequences)."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        return [_render_prompt(p) for p in prompt]
+    return [_render_prompt(prompt)]
+
+
+def _render_prompt(prompt: object) -> bytes:
     if isinstance(prompt, str) and prompt:
         return prompt.encode()
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and t >= 0 for t in prompt):
+    if isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
         # Token ids map back to four bytes each, so the count is preserved exactly.
         return b"".join((t & 0xFFFFFFFF).to_bytes(4, "little") for t in prompt)
-    raise PromptError("prompt must be a non-empty string, a list with one string, or a list of token ids")
+    raise PromptError("prompt must be a non-empty string or list of token ids, or a list of those")
 
 
 def token_count(prompt: bytes) -> int:

@@ -122,9 +122,9 @@ class Wire:
             delta["content"] = content
         return delta
 
-    def _stream_choice(self, reply: Reply, text: str | None, role: str | None,
+    def _stream_choice(self, reply: Reply, index: int, text: str | None, role: str | None,
                        finish_reason: str | None) -> dict[str, object]:
-        choice: dict[str, object] = {"index": 0}
+        choice: dict[str, object] = {"index": index}
         if reply.chat:
             choice["delta"] = self._delta(role, text)
         else:
@@ -137,17 +137,17 @@ class Wire:
             choice["stop_reason"] = None
         return choice
 
-    def role_chunk(self, reply: Reply) -> bytes | None:
-        """The chat stream's opening chunk; completions streams have none."""
+    def role_chunk(self, reply: Reply, index: int) -> bytes | None:
+        """A chat choice's opening chunk; completions streams have none."""
         if not reply.chat:
             return None
-        return sse(self._envelope(reply, [self._stream_choice(reply, "", "assistant", None)]))
+        return sse(self._envelope(reply, [self._stream_choice(reply, index, "", "assistant", None)]))
 
-    def token_template(self, reply: Reply) -> StreamTemplate:
-        return StreamTemplate(self._envelope(reply, [self._stream_choice(reply, _SLOT, None, None)]))
+    def token_template(self, reply: Reply, index: int) -> StreamTemplate:
+        return StreamTemplate(self._envelope(reply, [self._stream_choice(reply, index, _SLOT, None, None)]))
 
-    def finish_chunk(self, reply: Reply, finish_reason: str) -> bytes:
-        return sse(self._envelope(reply, [self._stream_choice(reply, None, None, finish_reason)]))
+    def finish_chunk(self, reply: Reply, index: int, finish_reason: str) -> bytes:
+        return sse(self._envelope(reply, [self._stream_choice(reply, index, None, None, finish_reason)]))
 
     def usage_chunk(self, reply: Reply, u: Usage) -> bytes:
         obj = self._envelope(reply, [])
@@ -156,8 +156,28 @@ class Wire:
 
     # -- whole responses -----------------------------------------------------------------
 
-    def response(self, reply: Reply, text: str, finish_reason: str, u: Usage) -> dict[str, object]:
-        choice: dict[str, object] = {"index": 0}
+    def response(self, reply: Reply, texts: list[str], finish_reason: str, u: Usage) -> dict[str, object]:
+        obj: dict[str, object] = {
+            "id": reply.id,
+            "object": "chat.completion" if reply.chat else "text_completion",
+            "created": reply.created,
+            "model": reply.model,
+            "choices": [self._choice(reply, index, text, finish_reason) for index, text in enumerate(texts)],
+        }
+        if self.sglang:
+            obj["usage"] = self.usage(u)
+            obj["metadata"] = None
+        else:
+            obj["service_tier"] = None
+            obj["system_fingerprint"] = None
+            obj["usage"] = self.usage(u)
+            if reply.chat:
+                obj["prompt_logprobs"] = None
+            obj["kv_transfer_params"] = None
+        return obj
+
+    def _choice(self, reply: Reply, index: int, text: str, finish_reason: str) -> dict[str, object]:
+        choice: dict[str, object] = {"index": index}
         if reply.chat:
             if self.sglang:
                 choice["message"] = {"role": "assistant", "content": text, "reasoning_content": None,
@@ -176,24 +196,7 @@ class Wire:
             choice["stop_reason"] = None
             if not reply.chat:
                 choice["prompt_logprobs"] = None
-        obj: dict[str, object] = {
-            "id": reply.id,
-            "object": "chat.completion" if reply.chat else "text_completion",
-            "created": reply.created,
-            "model": reply.model,
-            "choices": [choice],
-        }
-        if self.sglang:
-            obj["usage"] = self.usage(u)
-            obj["metadata"] = None
-        else:
-            obj["service_tier"] = None
-            obj["system_fingerprint"] = None
-            obj["usage"] = self.usage(u)
-            if reply.chat:
-                obj["prompt_logprobs"] = None
-            obj["kv_transfer_params"] = None
-        return obj
+        return choice
 
     def error(self, status: int, message: str, param: str | None = None) -> dict[str, object]:
         err_type = error_type(status, self.flavor)

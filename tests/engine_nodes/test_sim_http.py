@@ -95,6 +95,64 @@ def test_completions_stream_and_non_stream_agree(sglang_sim):
     assert whole.usage.prompt_tokens == 4  # 16 bytes at 4 bytes per token
 
 
+@pytest.mark.parametrize("flavor", ["sglang", "vllm"])
+def test_a_batch_of_prompts_with_n_samples_gets_one_choice_per_prompt_and_sample(sim_factory, flavor):
+    # vLLM batch clients send several prompts and n > 1 at once: choice i is prompt i // n, sample i % n.
+    sim = sim_factory("--flavor", flavor, "--model", "m", "--speed", "500")
+    c = client(sim)
+    prompts = ["Once upon a time", "It was a dark and stormy night"]
+    whole = c.completions.create(model="m", prompt=prompts, n=2, max_tokens=6)
+    assert [choice.index for choice in whole.choices] == [0, 1, 2, 3]
+    texts = [choice.text for choice in whole.choices]
+    assert len(set(texts)) == 4  # each sample of a prompt writes its own text
+    alone = [c.completions.create(model="m", prompt=p, max_tokens=6).choices[0].text for p in prompts]
+    assert texts[0::2] == alone  # sample 0 of each prompt is what the prompt alone gets
+    assert whole.usage.prompt_tokens == 4 + 8  # each prompt counted once, not once per sample
+    assert whole.usage.completion_tokens == 4 * 6
+
+    streamed = ["", "", "", ""]
+    finished = []
+    usage = None
+    for chunk in c.completions.create(model="m", prompt=prompts, n=2, max_tokens=6, stream=True,
+                                      stream_options={"include_usage": True}):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+            if choice.finish_reason:
+                finished.append(choice.index)
+        usage = chunk.usage or usage
+    assert streamed == texts
+    assert sorted(finished) == [0, 1, 2, 3]
+    assert (usage.prompt_tokens, usage.completion_tokens) == (12, 24)
+
+
+def test_chat_with_n_samples_streams_a_role_and_a_finish_per_choice(vllm_sim):
+    c = client(vllm_sim)
+    whole = c.chat.completions.create(model="sim-model", messages=MESSAGES, n=3, max_tokens=4)
+    assert [choice.index for choice in whole.choices] == [0, 1, 2]
+    chunks = list(c.chat.completions.create(model="sim-model", messages=MESSAGES, n=3, max_tokens=4,
+                                            stream=True))
+    roles = [ch.choices[0].index for ch in chunks if ch.choices and ch.choices[0].delta.role == "assistant"]
+    assert sorted(roles) == [0, 1, 2]
+    content = ["", "", ""]
+    for ch in chunks:
+        for choice in ch.choices:
+            content[choice.index] += choice.delta.content or ""
+    assert content == [choice.message.content for choice in whole.choices]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"prompt": "x", "n": 0}, "n must be a positive integer"),
+    ({"prompt": "x", "n": True}, "n must be a positive integer"),
+    ({"prompt": ["x"] * 65, "n": 2}, "n x prompts must be at most 128"),
+    ({"prompt": ["x", 3]}, "prompt must be"),
+    ({"prompt": []}, "prompt must be"),
+])
+def test_unservable_choice_counts_and_prompts_get_a_400(vllm_sim, body, message):
+    status, _, answer = raw_post(vllm_sim.url("/v1/completions"), {"model": "sim-model", **body})
+    assert status == 400
+    assert json.loads(answer)["error"]["message"].startswith(message)
+
+
 def test_unknown_model_gets_the_engines_404_error(sglang_sim, vllm_sim):
     with pytest.raises(openai.NotFoundError) as sglang_error:
         client(sglang_sim).chat.completions.create(model="other", messages=MESSAGES)
