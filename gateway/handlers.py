@@ -107,7 +107,8 @@ class Handlers:
         call.stream = decoded.stream
         key.check_model(decoded.model)
         if key.limited:
-            estimate = limits.estimate_tokens(len(call.body), decoded.max_completion_tokens or decoded.max_tokens)
+            budget = decoded.max_completion_tokens or decoded.max_tokens
+            estimate = limits.estimate_tokens(len(call.body), budget, protocol.choice_count(decoded))
             call.quota = self.limiter.admit(key, estimate, time.monotonic())
 
     async def _route(self, call: Call, request: Request, key: KeyRecord, decoded, text: str) -> None:

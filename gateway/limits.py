@@ -47,12 +47,13 @@ CONCURRENCY_RETRY_S = 1.0
 DEFAULT_COMPLETION_ESTIMATE = 256
 
 
-def estimate_tokens(prompt_bytes: int, max_tokens: int | None,
+def estimate_tokens(prompt_bytes: int, max_tokens: int | None, choices: int = 1,
                     default_completion: int = DEFAULT_COMPLETION_ESTIMATE) -> int:
     """Tokens to charge at admission: about 4 bytes of text per prompt token, plus the completion
-    budget the request asked for."""
+    budget the request asked for, once per completion it asked for (``n`` x prompts)."""
     # Never below one token: a negative figure would refill the bucket instead of charging it.
-    return max(1, -(-prompt_bytes // 4) + (default_completion if max_tokens is None else max_tokens))
+    budget = default_completion if max_tokens is None else max_tokens
+    return max(1, -(-prompt_bytes // 4) + choices * budget)
 
 
 class TokenBucket:

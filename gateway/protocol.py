@@ -53,6 +53,7 @@ class _Generation(msgspec.Struct, kw_only=True):
     service_tier: str | None = None
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
     max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    n: Annotated[int, msgspec.Meta(ge=1)] = 1  # samples per prompt: each writes its own completion
     # Fields a deployment may name as session keys (routing.session_fields).
     user: str | None = None
     session_id: str | None = None
@@ -66,6 +67,14 @@ class ChatRequest(_Generation, kw_only=True):
 
 class CompletionRequest(_Generation, kw_only=True):
     prompt: str | list[str | int | list[int]]
+
+
+def choice_count(request: ChatRequest | CompletionRequest) -> int:
+    """Completions the engine writes: ``n`` for each prompt (a completions prompt may be a batch of
+    strings or of token-id lists; a flat list of token ids is one prompt)."""
+    prompt = getattr(request, "prompt", None)
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    return request.n * prompts
 
 
 SESSION_FIELDS = ("user", "session_id", "prompt_cache_key", "safety_identifier")

@@ -154,6 +154,33 @@ def test_access_log_has_one_line_per_request_and_no_prompt_text(stack):
     assert secret not in gw.log()
 
 
+def test_a_batch_of_prompts_with_n_samples_reaches_the_batch_pool_and_every_choice_comes_back(
+        simulator, gateway):
+    # Offline clients of vLLM send many prompts and n > 1 in one request; the gateway relays it whole.
+    interactive, batch = simulator("sglang"), simulator("vllm")
+    gw = gateway(FAST_HEALTH + pool_toml("sglang", "sglang", "interactive", interactive.urls)
+                 + pool_toml("vllm", "vllm", "batch", batch.urls))
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0,
+                           default_headers={"X-Workload-Class": "batch"})
+    prompts = ["Summarise the archive.", "List the rivers."]
+    whole = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=5,
+                                      extra_headers={"x-request-id": "batch-whole"})
+    direct = direct_client(batch.url(0)).completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=5)
+    assert [c.text for c in whole.choices] == [c.text for c in direct.choices]
+    assert len({c.text for c in whole.choices}) == 4
+    streamed = [""] * 4
+    for chunk in client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=5, stream=True,
+                                           stream_options={"include_usage": True},
+                                           extra_headers={"x-request-id": "batch-stream"}):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == [c.text for c in direct.choices]
+    gw.stop()
+    lines = {line["request_id"]: line for line in gw.access_log()}
+    for rid in ("batch-whole", "batch-stream"):
+        assert lines[rid]["pool"] == "vllm" and lines[rid]["completion_tokens"] == 4 * 5
+
+
 def test_metrics_count_requests_by_route_model_pool_endpoint_status(stack):
     _, gw = stack
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)

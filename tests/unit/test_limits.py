@@ -215,8 +215,9 @@ def test_admitted_requests_never_exceed_burst_plus_refill_and_every_retry_after_
     assert admitted <= burst + rpm * now / 60.0 + 1e-6
 
 
-def test_estimate_is_prompt_bytes_over_four_rounded_up_plus_max_tokens_or_the_default():
+def test_estimate_is_prompt_bytes_over_four_rounded_up_plus_max_tokens_or_the_default_per_choice():
     assert limits.estimate_tokens(400, 100) == 200
     assert limits.estimate_tokens(401, 0) == 101
     assert limits.estimate_tokens(0, None) == limits.DEFAULT_COMPLETION_ESTIMATE
     assert limits.estimate_tokens(8, None, default_completion=10) == 12
+    assert limits.estimate_tokens(400, 100, choices=4) == 100 + 400  # e.g. two prompts, n = 2

@@ -22,6 +22,7 @@ def test_chat_decodes_routing_fields_and_ignores_unknown_ones():
     (b'{"model": "m", "messages": "hi"}', "messages"),
     (b'{"messages": []}', "model"),
     (b'{"model": "m", "messages": [], "stream": "yes"}', "stream"),
+    (b'{"model": "m", "messages": [], "n": 0}', "n"),
 ])
 def test_wrong_field_type_is_invalid_request_with_param(body, param):
     with pytest.raises(GatewayError) as e:
@@ -45,6 +46,17 @@ def test_malformed_json_is_invalid_json(body):
 ])
 def test_completion_prompt_forms_have_a_canonical_text(prompt, text):
     assert protocol.completion_text(prompt) == text
+
+
+@pytest.mark.parametrize("body, choices", [
+    (b'{"model":"m","prompt":"abc"}', 1),
+    (b'{"model":"m","prompt":"abc","n":3}', 3),
+    (b'{"model":"m","prompt":["a","b"],"n":2}', 4),
+    (b'{"model":"m","prompt":[[1,2],[3]],"n":2}', 4),
+    (b'{"model":"m","prompt":[1,2,3],"n":2}', 2),  # token ids of one prompt
+])
+def test_choice_count_is_n_per_prompt_of_a_batch(body, choices):
+    assert protocol.choice_count(protocol.decode_completion(body)) == choices
 
 
 def chat_with_image(url: str) -> protocol.ChatRequest:
