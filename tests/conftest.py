@@ -129,6 +129,16 @@ class GatewayProcess:
         text = self.log_path.read_text(errors="replace")
         return text if exited else text[:text.rfind("\n") + 1]
 
+    def wait_log(self, text: str, timeout: float = 5.0) -> bool:
+        """Whether ``text`` reaches the output within ``timeout``: the log thread writes a line a little
+        after the event that logged it, and a test may see the event (a metric, an admin answer) first."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     def access_log(self) -> list[dict]:
         out = []
         for line in self.log().splitlines():

@@ -161,7 +161,7 @@ def test_replicas_join_and_leave_the_pool_as_its_srv_records_change(simulator, g
     assert f'gateway_endpoint_healthy{{endpoint="{ids[0]}",pool="s"}}' not in metrics
     assert f'gateway_endpoint_healthy{{endpoint="{ids[1]}",pool="s"}} 1.0' in metrics
     assert 'gateway_discovery_endpoints{pool="s"} 2.0' in metrics
-    assert "pool replicas changed" in gw.log()
+    assert gw.wait_log("pool replicas changed")
 
 
 def test_a_stream_on_a_replica_that_leaves_dns_finishes(simulator, gateway, zone):

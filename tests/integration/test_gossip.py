@@ -231,7 +231,7 @@ def test_a_peer_name_that_does_not_resolve_is_counted_and_the_other_peers_still_
                  + pool_toml("s", "sglang", "interactive", sim.urls), workers=2)
     assert_workers_share(gw)
     assert metric(gw, "gateway_gossip_peer_lookup_failures_total") >= 2  # each worker's lookup at start
-    assert "gossip peer lookup failed" in gw.log()
+    assert gw.wait_log("gossip peer lookup failed")
 
 
 def endpoint_state(gw, endpoint: str) -> dict:

@@ -51,7 +51,7 @@ def test_stale_engine_signal_is_visible_in_metrics_and_admin(simulator, gateway)
     while 'gateway_engine_signal_stale{endpoint="127.0.0.1:%d",pool="s"} 1.0' % sim.ports[0] not in gw.metrics():
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert "engine load signal stale" in gw.log()
+    assert gw.wait_log("engine load signal stale")
     assert endpoints(gw)[f"127.0.0.1:{sim.ports[0]}"]["signal_stale"] is True
 
 
@@ -103,10 +103,10 @@ def test_replica_whose_engine_reports_a_saturated_kv_cache_takes_no_new_prompts_
     while 'branch="kv_saturated"' not in gw.metrics():  # the ledger settles metrics in batches
         assert time.monotonic() < deadline + 5
         time.sleep(0.05)
-    assert "engine KV cache saturated" in gw.log()
+    assert gw.wait_log("engine KV cache saturated")
 
     stream.close()
     while endpoints(gw)[holder]["saturated"]:
         assert time.monotonic() < deadline + 10, endpoints(gw)
         time.sleep(0.05)
-    assert "engine KV cache has room again" in gw.log()
+    assert gw.wait_log("engine KV cache has room again")
