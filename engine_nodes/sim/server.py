@@ -431,7 +431,7 @@ class Replica:
 
     def _account(self, record: RequestRecord, seqs: list[Sequence]) -> None:
         """Record a request's end exactly once: completed, or aborted (client gone, or a fault). The
-        engine metrics count sequences, as the engines count each of a request's ``n`` samples."""
+        engine metrics count sequences: each of a request's choices runs in the batch as one."""
         record.sim_ttft_s = seqs[0].sim_ttft
         observed = self.metrics.requests
         if record.finished:
