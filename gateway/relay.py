@@ -101,6 +101,15 @@ class Call:
         self.request_id = request_id
         self.received_at = received_at
 
+    def note_stream_usage(self, data: bytes) -> None:
+        """Keep ``data``, a piece of the stream, from its last usage object on: the last one a stream
+        carries is its final count. SGLang puts ``"usage":null`` in every chunk, which is skipped. A
+        usage object split between two reads is missed, and the key's estimate stands, as for a stream
+        cut before its usage chunk."""
+        usage_at = data.rfind(b'"usage"')
+        if usage_at >= 0 and data[usage_at + 7:usage_at + 12].lstrip(b" :")[:1] == b"{":
+            self.usage_tail = data[usage_at:]
+
     def usage(self) -> dict[bytes, int]:
         """Token counts from the engine's usage object, keyed by field name (parsed once)."""
         if not self.usage_tail:
@@ -371,6 +380,7 @@ class Relay:
                           ex.header(b"content-type") or b"text/event-stream")
         call.first_byte_at = call.last_event_at = time.monotonic()
         call.events = first.count(b"data:")
+        call.note_stream_usage(first)  # a short stream may arrive whole in the first read
 
         def sink(data: bytes) -> None:
             if not check.feed(data):
@@ -379,9 +389,7 @@ class Relay:
             conn.send_chunk(data)
             call.events += data.count(b"data:")
             call.last_event_at = ex.last_read
-            usage_at = data.rfind(b'"usage":{')
-            if usage_at >= 0:
-                call.usage_tail = data[usage_at:]
+            call.note_stream_usage(data)
 
         ex.pipe(sink)
         conn.on_pause, conn.on_resume = ex.pause, ex.resume

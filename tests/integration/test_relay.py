@@ -9,6 +9,7 @@ import time
 
 import openai
 import pytest
+from aiohttp import web
 
 from gateway.relay import Call
 from gateway.sse import SseCheck
@@ -275,3 +276,43 @@ async def test_a_stream_its_client_left_leaves_nothing_for_the_cyclic_gc(simulat
                    and time.monotonic() < deadline):
                 await asyncio.sleep(0.02)  # until the gateway has let go of both sides
     assert [o for o in garbage if isinstance(o, (Connection, _Connection, Exchange, Call))] == []
+
+
+async def test_usage_is_counted_when_a_whole_stream_arrives_in_one_read(tmp_path):
+    # A short answer from a fast engine reaches the gateway in one read, its usage chunk included.
+    chunk = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": MODEL}
+    events = [{**chunk, "choices": [{"index": 0, "text": " hi", "finish_reason": None}]},
+              {**chunk, "choices": [{"index": 0, "text": "", "finish_reason": "length"}]},
+              {**chunk, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}}]
+    whole = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.Response(body=whole, content_type="text/event-stream")  # one write, one segment
+
+    async def healthy(request: web.Request) -> web.Response:
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/health", healthy)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    config = FAST_HEALTH + pool_toml("v", "vllm", "interactive", [f"http://127.0.0.1:{port}"])
+    try:
+        async with gateway_in_process(config, tmp_path) as gw:
+            client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="k", max_retries=0)
+            stream = await client.completions.create(model=MODEL, prompt="p", max_tokens=7, stream=True)
+            assert [c.usage.completion_tokens async for c in stream if c.usage] == [7]
+            await client.close()
+            deadline = time.monotonic() + 5
+            while "gateway_tokens_total{" not in (metrics := gw.ledger.exposition().decode()):
+                assert time.monotonic() < deadline, "the request was never settled"
+                await asyncio.sleep(0.02)
+    finally:
+        await runner.cleanup()
+    tokens = 'gateway_tokens_total{kind="%s",model="' + MODEL + '",pool="v"}'
+    assert (counter(metrics, tokens % "prompt"), counter(metrics, tokens % "completion")) == (5, 7)
