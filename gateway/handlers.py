@@ -104,7 +104,7 @@ class Handlers:
         call.key_id = key.key_id
         if decoded.model in self._model_bodies:
             call.model = decoded.model
-        call.stream = decoded.stream
+        call.stream = decoded.stream is True
         key.check_model(decoded.model)
         if key.limited:
             budget = decoded.max_completion_tokens or decoded.max_tokens

@@ -1,7 +1,7 @@
 """The few request fields the gateway reads, decoded with msgspec; the raw body is forwarded as received.
 
-Only what routing needs is typed here (model, messages or prompt, stream, session fields, service
-tier). Every other field (tools, response_format, logprobs, ...) is skipped by the decoder and
+Only what routing and admission need is typed here (model, messages or prompt, stream, session fields,
+service tier, and max_tokens and n for a key's token estimate). Every other field (tools, response_format, logprobs, ...) is skipped by the decoder and
 reaches the engine untouched, because the engine receives the client's exact bytes.
 """
 
@@ -43,17 +43,17 @@ class Message(msgspec.Struct):
 
 
 class StreamOptions(msgspec.Struct):
-    include_usage: bool = False
+    include_usage: bool | None = None
 
 
 class _Generation(msgspec.Struct, kw_only=True):
     model: str
-    stream: bool = False
+    stream: bool | None = None  # null, as every optional field here, reads as absent: the API allows it
     stream_options: StreamOptions | None = None
     service_tier: str | None = None
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
     max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    n: Annotated[int, msgspec.Meta(ge=1)] = 1  # samples per prompt: each writes its own completion
+    n: Annotated[int, msgspec.Meta(ge=1)] | None = None  # samples per prompt; null means one, as for engines
     # Fields a deployment may name as session keys (routing.session_fields).
     user: str | None = None
     session_id: str | None = None
@@ -74,7 +74,7 @@ def choice_count(request: ChatRequest | CompletionRequest) -> int:
     strings or of token-id lists; a flat list of token ids is one prompt)."""
     prompt = getattr(request, "prompt", None)
     prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
-    return request.n * prompts
+    return (request.n or 1) * prompts
 
 
 SESSION_FIELDS = ("user", "session_id", "prompt_cache_key", "safety_identifier")

@@ -154,6 +154,16 @@ def test_access_log_has_one_line_per_request_and_no_prompt_text(stack):
     assert secret not in gw.log()
 
 
+def test_null_in_optional_fields_is_served_as_the_engines_serve_it(stack):
+    # Clients generated from the OpenAPI spec send every optional field, unset ones as null.
+    _, gw = stack
+    status, body = http_post_json(f"{gw.url}/v1/chat/completions", {
+        "model": MODEL, "messages": MESSAGES, "max_tokens": 3, "stream": None, "stream_options": None,
+        "n": None, "user": None, "service_tier": None})
+    assert status == 200, body
+    assert json.loads(body)["usage"]["completion_tokens"] == 3
+
+
 def test_a_batch_of_prompts_with_n_samples_reaches_the_batch_pool_and_every_choice_comes_back(
         simulator, gateway):
     # Offline clients of vLLM send many prompts and n > 1 in one request; the gateway relays it whole.
@@ -178,7 +188,7 @@ def test_a_batch_of_prompts_with_n_samples_reaches_the_batch_pool_and_every_choi
     gw.stop()
     lines = {line["request_id"]: line for line in gw.access_log()}
     for rid in ("batch-whole", "batch-stream"):
-        assert lines[rid]["pool"] == "vllm" and lines[rid]["completion_tokens"] == 4 * 5
+        assert lines[rid]["pool"] == "vllm" and lines[rid]["completion_tokens"] == 4 * 5, lines[rid]
 
 
 def test_metrics_count_requests_by_route_model_pool_endpoint_status(stack):

@@ -16,6 +16,15 @@ def test_chat_decodes_routing_fields_and_ignores_unknown_ones():
     assert req.messages[0].content[0].text == "hi"
 
 
+def test_null_in_an_optional_field_reads_as_absent_as_the_api_allows():
+    req = protocol.decode_chat(
+        b'{"model":"m","messages":[{"role":"user","content":null}],"stream":null,"stream_options":null,'
+        b'"service_tier":null,"max_tokens":null,"max_completion_tokens":null,"n":null,"user":null}')
+    assert (req.stream, req.max_tokens, req.n, req.user) == (None, None, None, None)
+    assert protocol.decode_completion(
+        b'{"model":"m","prompt":"p","stream":true,"stream_options":{"include_usage":null}}').stream
+
+
 @pytest.mark.parametrize("body, param", [
     (b'{"model": 3, "messages": []}', "model"),
     (b'{"model": "m", "messages": [{"role": 1}]}', "messages[0].role"),
@@ -51,6 +60,7 @@ def test_completion_prompt_forms_have_a_canonical_text(prompt, text):
 @pytest.mark.parametrize("body, choices", [
     (b'{"model":"m","prompt":"abc"}', 1),
     (b'{"model":"m","prompt":"abc","n":3}', 3),
+    (b'{"model":"m","prompt":"abc","n":null}', 1),
     (b'{"model":"m","prompt":["a","b"],"n":2}', 4),
     (b'{"model":"m","prompt":[[1,2],[3]],"n":2}', 4),
     (b'{"model":"m","prompt":[1,2,3],"n":2}', 2),  # token ids of one prompt
