@@ -61,6 +61,7 @@ _NOT_FORWARDED = frozenset({
 })
 _USAGE = re.compile(rb'"(prompt_tokens|completion_tokens|cached_tokens)"\s*:\s*(\d+)')
 _NO_USAGE: dict[bytes, int] = {}
+USAGE_TAIL_MAX = 4096  # bytes kept of a usage event split between reads; engines' are a few hundred
 
 
 class Call:
@@ -103,12 +104,15 @@ class Call:
 
     def note_stream_usage(self, data: bytes) -> None:
         """Keep ``data``, a piece of the stream, from its last usage object on: the last one a stream
-        carries is its final count. SGLang puts ``"usage":null`` in every chunk, which is skipped. A
-        usage object split between two reads is missed, and the key's estimate stands, as for a stream
-        cut before its usage chunk."""
+        carries is its final count. SGLang puts ``"usage":null`` in every chunk, which is skipped.
+        Until the event that holds the usage ends (a blank line), the pieces that follow are kept too:
+        a read may end in the middle of it. Only one cut inside the key itself loses the count, and
+        then the key's estimate stands, as for a stream cut before its usage chunk."""
         usage_at = data.rfind(b'"usage"')
-        if usage_at >= 0 and data[usage_at + 7:usage_at + 12].lstrip(b" :")[:1] == b"{":
+        if usage_at >= 0 and data[usage_at + 7:usage_at + 12].lstrip(b" :")[:1] in (b"{", b""):
             self.usage_tail = data[usage_at:]
+        elif self.usage_tail and b"\n\n" not in self.usage_tail and len(self.usage_tail) < USAGE_TAIL_MAX:
+            self.usage_tail += data
 
     def usage(self) -> dict[bytes, int]:
         """Token counts from the engine's usage object, keyed by field name (parsed once)."""

@@ -278,17 +278,33 @@ async def test_a_stream_its_client_left_leaves_nothing_for_the_cyclic_gc(simulat
     assert [o for o in garbage if isinstance(o, (Connection, _Connection, Exchange, Call))] == []
 
 
-async def test_usage_is_counted_when_a_whole_stream_arrives_in_one_read(tmp_path):
-    # A short answer from a fast engine reaches the gateway in one read, its usage chunk included.
+@pytest.mark.parametrize("separators, cut", [
+    ((",", ":"), None),
+    ((",", ":"), b'"usage":{"prompt_tokens":5,"compl'),
+    ((",", ":"), b'"usage":'),
+    ((", ", ": "), None),
+], ids=["whole stream in one read", "cut inside the usage object", "cut after its key", "spaced JSON"])
+async def test_usage_is_counted_however_the_reads_cut_the_stream(tmp_path, separators, cut):
+    # A short answer from a fast engine reaches the gateway in one read, its usage chunk included; a
+    # longer one may be cut anywhere, the usage object too. Engines write compact JSON; others may not.
     chunk = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": MODEL}
     events = [{**chunk, "choices": [{"index": 0, "text": " hi", "finish_reason": None}]},
               {**chunk, "choices": [{"index": 0, "text": "", "finish_reason": "length"}]},
               {**chunk, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}}]
-    whole = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    whole = b"".join(b"data: " + json.dumps(e, separators=separators).encode() + b"\n\n" for e in events)
+    whole += b"data: [DONE]\n\n"
+    at = len(whole) if cut is None else whole.index(cut) + len(cut)
 
     async def completions(request: web.Request) -> web.StreamResponse:
         await request.read()
-        return web.Response(body=whole, content_type="text/event-stream")  # one write, one segment
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(whole[:at])
+        if at < len(whole):
+            await asyncio.sleep(0.05)  # the gateway reads the first piece on its own
+            await response.write(whole[at:])
+        await response.write_eof()
+        return response
 
     async def healthy(request: web.Request) -> web.Response:
         return web.Response()
