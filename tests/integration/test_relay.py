@@ -290,7 +290,8 @@ async def test_usage_is_counted_however_the_reads_cut_the_stream(tmp_path, separ
     chunk = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": MODEL}
     events = [{**chunk, "choices": [{"index": 0, "text": " hi", "finish_reason": None}]},
               {**chunk, "choices": [{"index": 0, "text": "", "finish_reason": "length"}]},
-              {**chunk, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}}]
+              {**chunk, "choices": [],
+               "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}}]
     whole = b"".join(b"data: " + json.dumps(e, separators=separators).encode() + b"\n\n" for e in events)
     whole += b"data: [DONE]\n\n"
     at = len(whole) if cut is None else whole.index(cut) + len(cut)
