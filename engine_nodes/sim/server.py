@@ -8,7 +8,9 @@ KV cache, fault knobs, request log and listening socket. A generation request ru
 
 A request is one engine sequence per choice: ``n`` samples of each prompt (a completions request may
 carry a batch of prompts), numbered as vLLM numbers them, prompt index x n + sample. The samples of a
-prompt share its prompt tokens in the usage and write different text.
+prompt share its prompt tokens in the usage and write different text. A completions request with
+``echo`` gets its prompt back before the text (alone with ``max_tokens`` 0, as scoring harnesses ask
+for it); ``echo`` on chat is ignored, and no request gets logprobs.
 
 Engine paths (both flavours): ``POST /v1/chat/completions``, ``POST /v1/completions``,
 ``GET /v1/models``, ``GET /health``, ``GET /metrics``. SGLang adds ``GET /health_generate``,
@@ -111,6 +113,28 @@ class ReplicaStats:
 
 class _Fault(Exception):
     """A stream-breaking fault struck; the handler must not finish the response normally."""
+
+
+@dataclass
+class _Choices:
+    """A request's sequences, one per choice (prompt index x n + sample), and what its answers show."""
+
+    seqs: list[Sequence]
+    n: int  # samples per prompt
+    echoes: list[str] | None  # each prompt's text, when the request asks for it back (``echo``)
+    generated: bool  # False for ``echo`` with ``max_tokens`` 0: one token is generated and dropped
+
+    def text(self, index: int, words: list[str]) -> str:
+        """Choice ``index``'s text for the generated ``words`` (its first ones, when streaming)."""
+        text = "".join(words) if self.generated else ""
+        return text if self.echoes is None else self.echoes[index // self.n] + text
+
+    def usage(self) -> Usage:
+        """Prompt tokens count once per prompt (its samples share them), completion tokens per
+        sample (a dropped token too, as vLLM counts it)."""
+        per_prompt = self.seqs[::self.n]
+        return Usage(sum(s.prompt_tokens for s in per_prompt), sum(s.produced for s in self.seqs),
+                     sum(s.cached_tokens for s in per_prompt))
 
 
 @dataclass
@@ -266,7 +290,8 @@ class Replica:
             prompts = [tokens.render_chat(params.get("messages"))] if chat else tokens.render_prompts(
                 params.get("prompt"))
             n = _choices_per_prompt(params, len(prompts))
-            max_tokens = _max_tokens(params, chat)
+            echo = not chat and params.get("echo") is True
+            max_tokens = _max_tokens(params, chat, echo)
         except (ValueError, orjson.JSONDecodeError) as exc:
             return self._reject(record, 400, str(exc), headers)
         requested_model = params.get("model")
@@ -285,9 +310,11 @@ class Replica:
             id=self.wire.response_id(chat, unique, request.headers.get("x-request-id")),
             created=int(time.time()), model=self.config.model, chat=chat,
         )
-        # One sequence per choice, numbered as the engines number choices: prompt index x n + sample.
-        seqs = [self._sequence(f"{unique}-{p}-{sample}", prompt, max_tokens, sample)
+        # vLLM runs an echo of the prompt alone (max_tokens 0) as a one-token generation.
+        seqs = [self._sequence(f"{unique}-{p}-{sample}", prompt, max(max_tokens, 1), sample)
                 for p, prompt in enumerate(prompts) for sample in range(n)]
+        choices = _Choices(seqs, n, [p.decode(errors="replace") for p in prompts] if echo else None,
+                           generated=max_tokens > 0)
         record.prompt_tokens = sum(seq.prompt_tokens for seq in seqs[::n])
         try:
             for seq in seqs[::n]:
@@ -299,8 +326,8 @@ class Replica:
         try:
             if record.stream:
                 include_usage = _include_usage(params)
-                return await self._stream(request, record, seqs, n, reply, include_usage, headers)
-            return await self._complete(request, record, seqs, n, reply, headers)
+                return await self._stream(request, record, choices, reply, include_usage, headers)
+            return await self._complete(request, record, choices, reply, headers)
         finally:
             for seq in seqs:
                 self.engine.abort(seq)  # a no-op for a finished one
@@ -318,9 +345,9 @@ class Replica:
             digest=digest,
         )
 
-    async def _complete(self, request: web.Request, record: RequestRecord, seqs: list[Sequence], n: int,
-                        reply: Reply, headers: dict[str, str]) -> web.StreamResponse:
-        for seq in seqs:
+    async def _complete(self, request: web.Request, record: RequestRecord, choices: _Choices, reply: Reply,
+                        headers: dict[str, str]) -> web.StreamResponse:
+        for seq in choices.seqs:
             await seq.wait_beyond(seq.max_tokens - 1)
         faults = self.faults
         if faults.hang_after_chunks == 0:
@@ -328,9 +355,10 @@ class Replica:
         if faults.reset_after_chunks == 0:
             _reset(request)
             return web.Response(status=200)
-        usage = self._usage(seqs, n)
+        usage = choices.usage()
         record.cached_tokens = usage.cached_tokens
-        payload = self.wire.response(reply, ["".join(seq.words) for seq in seqs], "length", usage)
+        texts = [choices.text(i, seq.words) for i, seq in enumerate(choices.seqs)]
+        payload = self.wire.response(reply, texts, "length", usage)
         if faults.garbage_after_chunks == 0:
             response = web.Response(body=GARBAGE, status=200, headers=headers, content_type="application/json")
             response.force_close()
@@ -341,11 +369,12 @@ class Replica:
         return web.Response(body=orjson.dumps(payload), status=200, headers=headers,
                             content_type="application/json")
 
-    async def _stream(self, request: web.Request, record: RequestRecord, seqs: list[Sequence], n: int,
-                      reply: Reply, include_usage: bool, headers: dict[str, str]) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, record: RequestRecord, choices: _Choices, reply: Reply,
+                      include_usage: bool, headers: dict[str, str]) -> web.StreamResponse:
         response = web.StreamResponse(status=200, headers={**headers, **SSE_HEADERS})
         await response.prepare(request)
         record.status = 200
+        seqs = choices.seqs
         state = _StreamState(record, seqs, response, self.faults)
         templates = [self.wire.token_template(reply, index) for index in range(len(seqs))]
         sent = [0] * len(seqs)
@@ -357,20 +386,22 @@ class Replica:
                     if sent[i] == seq.max_tokens or seq.aborted:
                         continue
                     await seq.wait_beyond(sent[i])
+                    texts = seq.words[sent[i]:seq.produced] if choices.generated else []
                     if sent[i] == 0:
-                        if i % n == 0:
+                        if i % choices.n == 0:
                             record.cached_tokens += seq.cached_tokens
                         role = self.wire.role_chunk(reply, i)
                         if role is not None:
                             state.pending.append(role)
-                    words, render = seq.words, templates[i].render
-                    state.pending.extend(render(words[t]) for t in range(sent[i], seq.produced))
+                        if choices.echoes is not None:  # the prompt comes back with the first token
+                            texts = [choices.text(i, texts[:1]), *texts[1:]]
+                    state.pending.extend(map(templates[i].render, texts))
                     sent[i] = seq.produced
                 await self._flush(request, state)
             state.pending.extend(self.wire.finish_chunk(reply, i, "abort" if seq.aborted else "length")
                                  for i, seq in enumerate(seqs))
             if include_usage:
-                state.pending.append(self.wire.usage_chunk(reply, self._usage(seqs, n)))
+                state.pending.append(self.wire.usage_chunk(reply, choices.usage()))
             state.pending.append(DONE)
             await self._flush(request, state)
             await response.write_eof()
@@ -447,14 +478,6 @@ class Replica:
                         observed.itl.observe((seq.finish_sim - seq.first_token_sim) / (seq.max_tokens - 1))
             elif seq.aborted:
                 observed.aborted += 1
-
-    @staticmethod
-    def _usage(seqs: list[Sequence], n: int) -> Usage:
-        """Prompt tokens count once per prompt (its ``n`` samples share them), completion tokens per
-        sample."""
-        per_prompt = seqs[::n]
-        return Usage(sum(s.prompt_tokens for s in per_prompt), sum(s.produced for s in seqs),
-                     sum(s.cached_tokens for s in per_prompt))
 
     def _reject(self, record: RequestRecord, status: int, message: str, headers: dict[str, str],
                 param: str | None = None) -> web.Response:
@@ -603,14 +626,15 @@ def _choices_per_prompt(params: dict[str, object], prompts: int) -> int:
     return n
 
 
-def _max_tokens(params: dict[str, object], chat: bool) -> int:
+def _max_tokens(params: dict[str, object], chat: bool, echo: bool) -> int:
+    """The tokens to generate; 0 only with ``echo``, which asks for the prompt alone back."""
     value = params.get("max_completion_tokens") if chat else None
     if value is None:
         value = params.get("max_tokens")
     if value is None:
         return DEFAULT_MAX_TOKENS
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError("max_tokens must be a positive integer")
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if echo else 1):
+        raise ValueError("max_tokens must be a positive integer (or 0, with echo)")
     return value
 
 

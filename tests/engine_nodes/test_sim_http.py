@@ -140,12 +140,30 @@ def test_chat_with_n_samples_streams_a_role_and_a_finish_per_choice(vllm_sim):
     assert content == [choice.message.content for choice in whole.choices]
 
 
+def test_echo_returns_the_prompt_before_the_text_and_alone_with_max_tokens_0(vllm_sim):
+    # Scoring harnesses send echo with max_tokens 0: the prompt back, no text generated.
+    c = client(vllm_sim)
+    prompt = "The capital of France is"
+    plain = c.completions.create(model="sim-model", prompt=prompt, max_tokens=3).choices[0].text
+    assert c.completions.create(model="sim-model", prompt=prompt, max_tokens=3, echo=True).choices[0].text \
+        == prompt + plain
+    alone = c.completions.create(model="sim-model", prompt=prompt, max_tokens=0, echo=True)
+    assert alone.choices[0].text == prompt
+    assert alone.usage.completion_tokens == 1  # vLLM generates one token and drops it, and counts it
+    streamed = [ch.choices[0].text for ch in c.completions.create(
+        model="sim-model", prompt=prompt, max_tokens=3, echo=True, stream=True) if ch.choices]
+    assert "".join(streamed) == prompt + plain and streamed[0].startswith(prompt)
+    assert "".join(ch.choices[0].text for ch in c.completions.create(
+        model="sim-model", prompt=prompt, max_tokens=0, echo=True, stream=True) if ch.choices) == prompt
+
+
 @pytest.mark.parametrize("body, message", [
     ({"prompt": "x", "n": 0}, "n must be a positive integer"),
     ({"prompt": "x", "n": True}, "n must be a positive integer"),
     ({"prompt": ["x"] * 65, "n": 2}, "n x prompts must be at most 128"),
     ({"prompt": ["x", 3]}, "prompt must be"),
     ({"prompt": []}, "prompt must be"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens must be a positive integer"),
 ])
 def test_unservable_choice_counts_and_prompts_get_a_400(vllm_sim, body, message):
     status, _, answer = raw_post(vllm_sim.url("/v1/completions"), {"model": "sim-model", **body})
