@@ -1,8 +1,10 @@
 """The few request fields the gateway reads, decoded with msgspec; the raw body is forwarded as received.
 
 Only what routing and admission need is typed here (model, messages or prompt, stream, session fields,
-service tier, and max_tokens and n for a key's token estimate). Every other field (tools, response_format, logprobs, ...) is skipped by the decoder and
-reaches the engine untouched, because the engine receives the client's exact bytes.
+service tier, and max_tokens and n for a key's token estimate). Every other field (tools,
+response_format, logprobs, echo, ...) is skipped by the decoder and reaches the engine untouched,
+because the engine receives the client's exact bytes. Where the API lets a field be null, null
+reads as absent.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class _Generation(msgspec.Struct, kw_only=True):
     stream: bool | None = None  # null, as every optional field here, reads as absent: the API allows it
     stream_options: StreamOptions | None = None
     service_tier: str | None = None
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None  # 0: with echo, the prompt alone back
     max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
     n: Annotated[int, msgspec.Meta(ge=1)] | None = None  # samples per prompt; null means one, as for engines
     # Fields a deployment may name as session keys (routing.session_fields).

@@ -191,6 +191,20 @@ def test_a_batch_of_prompts_with_n_samples_reaches_the_batch_pool_and_every_choi
         assert lines[rid]["pool"] == "vllm" and lines[rid]["completion_tokens"] == 4 * 5, lines[rid]
 
 
+def test_a_scoring_request_with_echo_and_max_tokens_0_gets_its_prompt_back_from_the_batch_pool(
+        simulator, gateway):
+    # Evaluation harnesses score a text by asking for it back (echo) with nothing generated.
+    interactive, batch = simulator("sglang"), simulator("vllm")
+    gw = gateway(FAST_HEALTH + pool_toml("sglang", "sglang", "interactive", interactive.urls)
+                 + pool_toml("vllm", "vllm", "batch", batch.urls))
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0,
+                           default_headers={"X-Workload-Class": "batch"})
+    scored = client.completions.create(model=MODEL, prompt=["The sky is blue.", "The sky is green."],
+                                       max_tokens=0, echo=True)
+    assert [c.text for c in scored.choices] == ["The sky is blue.", "The sky is green."]
+    assert batch.stats(0)["completed"] == 1 and interactive.stats(0)["requests"] == 0
+
+
 def test_metrics_count_requests_by_route_model_pool_endpoint_status(stack):
     _, gw = stack
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0)

@@ -32,6 +32,7 @@ def test_null_in_an_optional_field_reads_as_absent_as_the_api_allows():
     (b'{"messages": []}', "model"),
     (b'{"model": "m", "messages": [], "stream": "yes"}', "stream"),
     (b'{"model": "m", "messages": [], "n": 0}', "n"),
+    (b'{"model": "m", "messages": [], "max_tokens": -1}', "max_tokens"),
 ])
 def test_wrong_field_type_is_invalid_request_with_param(body, param):
     with pytest.raises(GatewayError) as e:
