@@ -61,7 +61,10 @@ _NOT_FORWARDED = frozenset({
 })
 _USAGE = re.compile(rb'"(prompt_tokens|completion_tokens|cached_tokens)"\s*:\s*(\d+)')
 _NO_USAGE: dict[bytes, int] = {}
-USAGE_TAIL_MAX = 4096  # bytes kept of a usage event split between reads; engines' are a few hundred
+USAGE_KEY = b'"usage"'
+# Bytes searched from the end of a stream's first piece for USAGE_KEY, and kept of a usage event split
+# between reads: engines' usage events are a few hundred bytes, and the last of a stream but [DONE].
+USAGE_TAIL_MAX = 1024
 
 
 class Call:
@@ -93,7 +96,6 @@ class Call:
     done_at = 0.0
     events = 0
     last_event_at = 0.0
-    usage_tail = b""
     outcome = "pending"  # pending | done | aborted | client_gone
 
     def __init__(self, route: str, path: bytes, request_id: bytes, received_at: float):
@@ -101,14 +103,19 @@ class Call:
         self.path = path
         self.request_id = request_id
         self.received_at = received_at
+        self.usage_tail = b""  # in the instance: a stream reads it for every piece
 
-    def note_stream_usage(self, data: bytes) -> None:
-        """Keep ``data``, a piece of the stream, from its last usage object on: the last one a stream
-        carries is its final count. SGLang puts ``"usage":null`` in every chunk, which is skipped.
-        Until the event that holds the usage ends (a blank line), the pieces that follow are kept too:
-        a read may end in the middle of it. Only one cut inside the key itself loses the count, and
-        then the key's estimate stands, as for a stream cut before its usage chunk."""
-        usage_at = data.rfind(b'"usage"')
+    def note_stream_usage(self, data: bytes, usage_at: int) -> None:
+        """Keep ``data``, a piece of the stream, from its last usage object on (``usage_at``, where
+        ``data.rfind(USAGE_KEY, -USAGE_TAIL_MAX)`` found it): the last one a stream carries is its
+        final count. SGLang puts ``"usage":null`` in every chunk, which is skipped. Until the event
+        that holds the usage ends (a blank line), the pieces that follow are kept too: a read may end
+        in the middle of it. Only a cut inside the key itself loses the count, and then the key's
+        estimate stands, as for a stream cut before its usage chunk.
+
+        The callers search backwards (``rfind``): on SSE events, full of quotes, a forward search for
+        a quoted key costs twice as much. In a stream's first piece, which for a short answer from a
+        fast engine is the whole stream, only the last KB is searched."""
         if usage_at >= 0 and data[usage_at + 7:usage_at + 12].lstrip(b" :")[:1] in (b"{", b""):
             self.usage_tail = data[usage_at:]
         elif self.usage_tail and b"\n\n" not in self.usage_tail and len(self.usage_tail) < USAGE_TAIL_MAX:
@@ -384,7 +391,8 @@ class Relay:
                           ex.header(b"content-type") or b"text/event-stream")
         call.first_byte_at = call.last_event_at = time.monotonic()
         call.events = first.count(b"data:")
-        call.note_stream_usage(first)  # a short stream may arrive whole in the first read
+        # A short stream may arrive whole in the first read.
+        call.note_stream_usage(first, first.rfind(USAGE_KEY, -USAGE_TAIL_MAX))
 
         def sink(data: bytes) -> None:
             if not check.feed(data):
@@ -393,7 +401,9 @@ class Relay:
             conn.send_chunk(data)
             call.events += data.count(b"data:")
             call.last_event_at = ex.last_read
-            call.note_stream_usage(data)
+            usage_at = data.rfind(USAGE_KEY)
+            if usage_at >= 0 or call.usage_tail:  # most pieces have none: no call for them
+                call.note_stream_usage(data, usage_at)
 
         ex.pipe(sink)
         conn.on_pause, conn.on_resume = ex.pause, ex.resume
