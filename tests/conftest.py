@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from engine_nodes.local_stack import free_ports, stop_process
 
@@ -218,6 +219,20 @@ async def gateway_in_process(config: str, tmp: Path) -> AsyncIterator:
         yield gateway
     finally:
         await gateway.stop()
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[int]:
+    """``app`` (a stand-in engine) served on a loopback port the kernel picks, in the test's loop;
+    yields the port."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()
 
 
 @contextlib.contextmanager

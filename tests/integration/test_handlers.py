@@ -164,14 +164,21 @@ def test_null_in_optional_fields_is_served_as_the_engines_serve_it(stack):
     assert json.loads(body)["usage"]["completion_tokens"] == 3
 
 
-def test_a_batch_of_prompts_with_n_samples_reaches_the_batch_pool_and_every_choice_comes_back(
-        simulator, gateway):
-    # Offline clients of vLLM send many prompts and n > 1 in one request; the gateway relays it whole.
+@pytest.fixture
+def batch_stack(simulator, gateway):
+    """An SGLang interactive pool, a vLLM batch pool, and a client whose requests are batch."""
     interactive, batch = simulator("sglang"), simulator("vllm")
     gw = gateway(FAST_HEALTH + pool_toml("sglang", "sglang", "interactive", interactive.urls)
                  + pool_toml("vllm", "vllm", "batch", batch.urls))
     client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0,
                            default_headers={"X-Workload-Class": "batch"})
+    return interactive, batch, gw, client
+
+
+def test_a_batch_of_prompts_with_n_samples_reaches_the_batch_pool_and_every_choice_comes_back(
+        batch_stack):
+    # Offline clients of vLLM send many prompts and n > 1 in one request; the gateway relays it whole.
+    _, batch, gw, client = batch_stack
     prompts = ["Summarise the archive.", "List the rivers."]
     whole = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=5,
                                       extra_headers={"x-request-id": "batch-whole"})
@@ -192,13 +199,9 @@ def test_a_batch_of_prompts_with_n_samples_reaches_the_batch_pool_and_every_choi
 
 
 def test_a_scoring_request_with_echo_and_max_tokens_0_gets_its_prompt_back_from_the_batch_pool(
-        simulator, gateway):
+        batch_stack):
     # Evaluation harnesses score a text by asking for it back (echo) with nothing generated.
-    interactive, batch = simulator("sglang"), simulator("vllm")
-    gw = gateway(FAST_HEALTH + pool_toml("sglang", "sglang", "interactive", interactive.urls)
-                 + pool_toml("vllm", "vllm", "batch", batch.urls))
-    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="k", max_retries=0,
-                           default_headers={"X-Workload-Class": "batch"})
+    interactive, batch, _, client = batch_stack
     scored = client.completions.create(model=MODEL, prompt=["The sky is blue.", "The sky is green."],
                                        max_tokens=0, echo=True)
     assert [c.text for c in scored.choices] == ["The sky is blue.", "The sky is green."]

@@ -15,7 +15,7 @@ from gateway.relay import Call
 from gateway.sse import SseCheck
 from gateway.server import Connection
 from gateway.upstream import Exchange, _Connection
-from tests.conftest import FAST_HEALTH, MODEL, cyclic_garbage, gateway_in_process, pool_toml
+from tests.conftest import FAST_HEALTH, MODEL, cyclic_garbage, gateway_in_process, pool_toml, serving
 
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
 
@@ -313,13 +313,8 @@ async def test_usage_is_counted_however_the_reads_cut_the_stream(tmp_path, separ
     app = web.Application()
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/health", healthy)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    config = FAST_HEALTH + pool_toml("v", "vllm", "interactive", [f"http://127.0.0.1:{port}"])
-    try:
+    async with serving(app) as port:
+        config = FAST_HEALTH + pool_toml("v", "vllm", "interactive", [f"http://127.0.0.1:{port}"])
         async with gateway_in_process(config, tmp_path) as gw:
             client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw.port}/v1", api_key="k", max_retries=0)
             stream = await client.completions.create(model=MODEL, prompt="p", max_tokens=7, stream=True)
@@ -329,7 +324,5 @@ async def test_usage_is_counted_however_the_reads_cut_the_stream(tmp_path, separ
             while "gateway_tokens_total{" not in (metrics := gw.ledger.exposition().decode()):
                 assert time.monotonic() < deadline, "the request was never settled"
                 await asyncio.sleep(0.02)
-    finally:
-        await runner.cleanup()
     tokens = 'gateway_tokens_total{kind="%s",model="' + MODEL + '",pool="v"}'
     assert (counter(metrics, tokens % "prompt"), counter(metrics, tokens % "completion")) == (5, 7)

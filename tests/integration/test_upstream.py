@@ -6,6 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.upstream import Upstream
+from tests.conftest import serving
 
 
 async def chunked(request: web.Request) -> web.StreamResponse:
@@ -27,23 +28,18 @@ def post(body: bytes) -> bytes:
 async def test_a_response_read_after_its_connection_went_to_the_next_request_is_still_its_own():
     app = web.Application()
     app.router.add_post("/", chunked)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     connects = []
     upstream = Upstream(2.0, 4, lambda: connects.append(1))
-    try:
-        first = await upstream.open("127.0.0.1", port, post(b"first"))
-        await first.wait_done(5.0)
-        # The relay may take a finished response only after the connection carried another request.
-        second = upstream.reuse("127.0.0.1", port, post(b"second"))
-        assert second is not None and second.conn is first.conn
-        await second.wait_done(5.0)
-        assert (first.status, first.take()) == (200, b"first")
-        assert (second.status, second.take()) == (200, b"second")
-        assert len(connects) == 1
-    finally:
-        upstream.close()
-        await runner.cleanup()
+    async with serving(app) as port:
+        try:
+            first = await upstream.open("127.0.0.1", port, post(b"first"))
+            await first.wait_done(5.0)
+            # The relay may take a finished response only after the connection carried another request.
+            second = upstream.reuse("127.0.0.1", port, post(b"second"))
+            assert second is not None and second.conn is first.conn
+            await second.wait_done(5.0)
+            assert (first.status, first.take()) == (200, b"first")
+            assert (second.status, second.take()) == (200, b"second")
+            assert len(connects) == 1
+        finally:
+            upstream.close()
