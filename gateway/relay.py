@@ -107,7 +107,7 @@ class Call:
 
     def note_stream_usage(self, data: bytes, usage_at: int) -> None:
         """Keep ``data``, a piece of the stream, from its last usage object on (``usage_at``, where
-        ``data.rfind(USAGE_KEY, -USAGE_TAIL_MAX)`` found it): the last one a stream carries is its
+        the caller found USAGE_KEY searching backwards, or -1): the last one a stream carries is its
         final count. SGLang puts ``"usage":null`` in every chunk, which is skipped. Until the event
         that holds the usage ends (a blank line), the pieces that follow are kept too: a read may end
         in the middle of it. Only a cut inside the key itself loses the count, and then the key's
@@ -116,7 +116,8 @@ class Call:
         The callers search backwards (``rfind``): on SSE events, full of quotes, a forward search for
         a quoted key costs twice as much. In a stream's first piece, which for a short answer from a
         fast engine is the whole stream, only the last KB is searched."""
-        if usage_at >= 0 and data[usage_at + 7:usage_at + 12].lstrip(b" :")[:1] in (b"{", b""):
+        value_at = usage_at + len(USAGE_KEY)
+        if usage_at >= 0 and data[value_at:value_at + 5].lstrip(b" :")[:1] in (b"{", b""):
             self.usage_tail = data[usage_at:]
         elif self.usage_tail and b"\n\n" not in self.usage_tail and len(self.usage_tail) < USAGE_TAIL_MAX:
             self.usage_tail += data
