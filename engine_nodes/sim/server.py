@@ -315,7 +315,7 @@ class Replica:
                 for p, prompt in enumerate(prompts) for sample in range(n)]
         choices = _Choices(seqs, n, [p.decode(errors="replace") for p in prompts] if echo else None,
                            generated=max_tokens > 0)
-        record.prompt_tokens = sum(seq.prompt_tokens for seq in seqs[::n])
+        record.prompt_tokens = choices.usage().prompt_tokens
         try:
             for seq in seqs[::n]:
                 self.engine.check(seq)
